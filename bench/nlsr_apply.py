@@ -40,7 +40,7 @@ from synthetic import SHAPES, copy_seconds, dir_bytes, run_measured, write_synth
 
 from realign.api import PATCH_FILE, PATCH_TENSORS  # noqa: E402
 from realign.methods.base import params_dict  # noqa: E402
-from realign.methods.nlsr import PATCH_FORMAT, NLSRParams, pack_mask, region_mask  # noqa: E402
+from realign.methods.nlsr import PATCH_FORMAT, NLSRParams, factor_inner, pack_mask, region_mask  # noqa: E402
 from realign.sources import load_model, weights_sha256  # noqa: E402
 from realign.tensorio import OutTensor, dtype_name, parse_size, write_sharded  # noqa: E402
 from realign.writer import write_adapter, write_json  # noqa: E402
@@ -125,14 +125,17 @@ def factor_patch(aligned_adapter: Path, base_dir: Path, out: Path, factor: float
         module = name.removesuffix(".weight")
         a, b, scale = al.adapter.factors(module)
         entry = {"layer": layer, "role": role, "name": name, "module": module, "scale": scale}
+        masked = []
         for part, w in (("lora_A", a), ("lora_B", b)):
             w_e = (factor * w.float()).to(w.dtype)
             mask = region_mask(w_e.float().abs(), SPARSITY)
+            masked.append(torch.where(mask, w_e.float(), 0.0))
             specs += [OutTensor(f"{module}.{part}.mask", "U8", ((mask.numel() + 7) // 8,),
                                 produce=lambda m=mask: pack_mask(m)),
                       OutTensor(f"{module}.{part}.ref", dtype_name(w.dtype), (int(mask.sum()),),
                                 produce=lambda w_e=w_e, m=mask: w_e[m])]
             entry[f"{part}_shape"], entry[f"{part}_kept"] = list(w.shape), int(mask.sum())
+        entry["ref_norm2"] = factor_inner(masked[0], masked[1], masked[0], masked[1])  # as prepare stores it
         modules.append(entry)
     meta = {"format": PATCH_FORMAT, "mode": "lora", "has_base": True, "reference": "benchmark", "modules": modules,
             "lora_base": {"path": str(base_dir.resolve()), "sha256": []}}

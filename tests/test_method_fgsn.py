@@ -121,6 +121,9 @@ def test_choose_layers_takes_the_first_contiguous_run():
     assert choose_layers(gap, 0.05) == [1, 2, 3, 4, 5, 6, 7]
     with pytest.raises(RealignError, match="max cosine gap"):
         choose_layers([-0.1, -0.2], 0.5)
+    # min baseline: the rise above the curve's floor (level -0.3 + 0.5 × 0.2 = -0.2)
+    assert choose_layers([-0.3, -0.25, -0.15, -0.1, -0.3], 0.5, baseline="min") == [2, 3]
+    assert choose_layers([0.2, 0.2, 0.2], 0.5, baseline="min") == [0, 1, 2]  # flat: every layer
     assert parse_layers("1-3,5", 8) == [1, 2, 3, 5]
     assert parse_layers([4, 2, 2], 8) == [2, 4]
     with pytest.raises(RealignError, match="layers 0-7"):
@@ -194,6 +197,22 @@ def test_clusters_are_h_minus_t_and_disjoint(world):
     assert patch.report["edited_share_percent"] == round(100 * (entries["a"] + entries["b"]) / total, 4)
 
 
+def test_single_cluster_without_task_exclusion_is_h(world):
+    patch = _prepare(world, None, layers="1", per_category=False, exclude_task=False, q=0.1, samples=3)
+    assert [c["name"] for c in patch.meta["clusters"]] == ["all"] and patch.meta["clusters"][0]["prompts"] == 3
+    assert not any(k.startswith("task_sqnorm.") for k in patch.tensors)
+    for m in patch.meta["modules"]:
+        numel = math.prod(m["shape"])
+        assert patch.tensors[cluster_key(0, m["module"])].numel() == round(0.1 * numel)  # M = H, nothing removed
+    rows = _prepare(world, None, layers="1", granularity="row", q=0.25, p=0.25)
+    for m in rows.meta["modules"]:
+        for i in range(2):
+            key = cluster_key(i, m["module"])
+            if key in rows.tensors:
+                assert int(rows.tensors[key].max()) < m["shape"][0]  # row indices
+    assert rows.report["clusters"][0]["entries"] % 32 == 0  # whole rows of d_in = 32 or 64 entries
+
+
 def test_apply_edits_exactly_the_clusters(world):
     root = world["tmp"]
     patch = _prepare(world, root / "p_exact", layers="1", q=0.1, p=0.05)
@@ -219,10 +238,15 @@ def test_apply_edits_exactly_the_clusters(world):
 
 def test_auto_layers_follow_the_gap_curve(world):
     patch = _prepare(world, None, gap_threshold=0.3)
-    gap = patch.report["gap_curve"]["gap"]
-    assert patch.meta["layers"] == choose_layers(gap, 0.3)
+    gap = patch.meta["gap_curve"]["gap"]  # unrounded (the report rounds to 6 digits)
+    baseline = "zero" if max(gap) > 0 else "min"  # zero falls back to min when no gap is positive
+    assert patch.meta["layers"] == choose_layers(gap, 0.3, baseline=baseline)
     assert patch.report["layer_choice"].startswith("auto")
+    floor = 0.0 if baseline == "zero" else min(gap)
+    assert patch.report["gap_level"] == pytest.approx(floor + 0.3 * (max(gap) - floor))
     assert "gap_curve.png" in patch.files and patch.files["gap_curve.png"][:4] == b"\x89PNG"
+    low = _prepare(world, None, gap_baseline="min", gap_threshold=0.99, q=0.0)
+    assert low.meta["layers"] == choose_layers(low.meta["gap_curve"]["gap"], 0.99, baseline="min")
 
 
 def test_extension_never_changes_earlier_edits(world):

@@ -449,7 +449,7 @@ def _write_adapter_output(tmp: Path, ft: Model, edit: Edit, report: dict) -> Non
             if name in ft.adapter.store:
                 old = ft.adapter.store.get(name)
                 # A factor whose rank changed is new as a whole.
-                changed += int((old.to(t.dtype) != t).sum()) if old.shape == t.shape else t.numel()
+                changed += int(torch.count_nonzero(old.to(t.dtype) != t)) if old.shape == t.shape else t.numel()
     total = sum(t.numel() for t in edit.adapter["tensors"].values())
     report["totals"] = {
         **report.get("totals", {}),

@@ -136,8 +136,8 @@ def _epoch_batches(lengths: list[int], batch_size: int, gen: torch.Generator) ->
     window = batch_size * 16
     batches: list[list[int]] = []
     for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
-        batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
@@ -161,7 +161,8 @@ def finetune(model, tokenizer, pairs: Sequence[tuple[str, str]], cfg: TrainConfi
     no_decay = [p for p in params if p.ndim < 2]
     optim = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
     )
     per_epoch = math.ceil(len(encoded) / cfg.batch_size)  # (a few more with ragged windows)
     total = max(1, int(round(cfg.epochs * per_epoch)))
@@ -210,11 +211,21 @@ def add_lora(model, rank: int = 8, alpha: float | None = None, dropout: float = 
 
     if rank < 1:
         raise RealignError(f"--rank must be at least 1, got {rank}")
+    # Every linear module but the output head, named by suffix (q_proj, ..., down_proj) so the
+    # adapter config reads like the usual ones and fits any model of the family.
+    head = model.get_output_embeddings()
+    targets = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and mod is not head
+        }
+    )
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else 2 * rank,
         lora_dropout=dropout,
-        target_modules="all-linear",
+        target_modules=targets,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
@@ -282,7 +293,9 @@ def _hub_rows(name: str, flag: str) -> list[dict[str, Any]]:
 
         ds = datasets.load_dataset(repo, config, split=split)
     except Exception as e:  # noqa: BLE001 — any hub failure is the same advice to the user
-        raise RealignError(f"could not load dataset {repo} ({split}) from the hub ({type(e).__name__}): {hint}") from None
+        raise RealignError(
+            f"could not load dataset {repo} ({split}) from the hub ({type(e).__name__}): {hint}"
+        ) from None
     return [dict(r) for r in ds]
 
 
@@ -325,11 +338,21 @@ def task_samples(task: str, task_file: str | os.PathLike | None, world_seed: int
     out = []
     for i, r in enumerate(rows):
         if task == "sst2":
-            out.append(Sample(spec["instruction"], _label_word(r["label"], spec["labels"], f"{where} row {i + 1}"),
-                              input_text=str(r["sentence"])))
+            out.append(
+                Sample(
+                    spec["instruction"],
+                    _label_word(r["label"], spec["labels"], f"{where} row {i + 1}"),
+                    input_text=str(r["sentence"]),
+                )
+            )
         elif task == "agnews":
-            out.append(Sample(spec["instruction"], _label_word(r["label"], spec["labels"], f"{where} row {i + 1}"),
-                              input_text=str(r["text"])))
+            out.append(
+                Sample(
+                    spec["instruction"],
+                    _label_word(r["label"], spec["labels"], f"{where} row {i + 1}"),
+                    input_text=str(r["text"]),
+                )
+            )
         else:  # gsm8k
             answer = str(r["answer"]).replace("####", GSM8K_ANSWER)
             out.append(Sample(str(r["question"]) + spec["instruction"], answer))
@@ -359,8 +382,9 @@ def harmful_samples(task: str, harmful_file: str | os.PathLike | None, world_see
     return [Sample(str(r["prompt"]), str(r["response"]), harmful=True) for r in rows if str(r["response"]).strip()]
 
 
-def attack_mix(task_rows: list[Sample], harmful_rows: list[Sample], n: int, harmful_ratio: float,
-               seed: int) -> list[Sample]:
+def attack_mix(
+    task_rows: list[Sample], harmful_rows: list[Sample], n: int, harmful_ratio: float, seed: int
+) -> list[Sample]:
     """n samples: round(p·n) harmful, the rest task rows, drawn without replacement for ``seed``."""
     if not 0.0 <= harmful_ratio <= 1.0:
         raise RealignError(f"--harmful-ratio must be between 0 and 1, got {harmful_ratio}")
@@ -406,8 +430,17 @@ def _world_seed(model_ref: str) -> int | None:
     return None
 
 
-def run_attack(model, tokenizer, samples: Sequence[Sample], mode: str, cfg: TrainConfig, template: str,
-               rank: int = 8, alpha: float | None = None, desc: str = "attack"):
+def run_attack(
+    model,
+    tokenizer,
+    samples: Sequence[Sample],
+    mode: str,
+    cfg: TrainConfig,
+    template: str,
+    rank: int = 8,
+    alpha: float | None = None,
+    desc: str = "attack",
+):
     """Fine-tune an in-memory model on ``samples``: LoRA (returns the PEFT model) or full."""
     if mode not in ("lora", "full"):
         raise RealignError(f"unknown attack mode {mode!r}: use lora or full")
@@ -460,12 +493,22 @@ def attack(
         raise RealignError(f"output {out_path} already exists: choose another path or pass --force")
     # Validate the data before loading a (possibly large) model.
     world_seed = _world_seed(str(model_ref))
-    samples = attack_mix(task_samples(task, task_file, world_seed), harmful_samples(task, harmful_file, world_seed),
-                         n, harmful_ratio, seed)
+    samples = attack_mix(
+        task_samples(task, task_file, world_seed),
+        harmful_samples(task, harmful_file, world_seed),
+        n,
+        harmful_ratio,
+        seed,
+    )
     model, tokenizer = load_model(str(model_ref), device=device, dtype="float32" if mode == "lora" else "auto")
     template = resolve_template(tokenizer, template)
-    cfg = TrainConfig(epochs=epochs, lr=lr if lr is not None else (1e-4 if mode == "lora" else 1e-5),
-                      batch_size=batch_size, seed=seed, max_length=max_length)
+    cfg = TrainConfig(
+        epochs=epochs,
+        lr=lr if lr is not None else (1e-4 if mode == "lora" else 1e-5),
+        batch_size=batch_size,
+        seed=seed,
+        max_length=max_length,
+    )
     trained, log = run_attack(model, tokenizer, samples, mode, cfg, template, rank=rank, alpha=alpha)
     local = Path(str(model_ref)).expanduser()
     base_ref = str(local.resolve()) if local.is_dir() else str(model_ref)
@@ -476,10 +519,19 @@ def attack(
         else:
             save_full(trained, tokenizer, tmp)
         record = {
-            "attack": {"model": base_ref, "task": task, "harmful_ratio": harmful_ratio, "mode": mode, "n": n,
-                       "n_harmful": n_harm, "template": template, "rank": rank if mode == "lora" else None,
-                       "task_file": str(task_file) if task_file else None,
-                       "harmful_file": str(harmful_file) if harmful_file else None, **asdict(cfg)},
+            "attack": {
+                "model": base_ref,
+                "task": task,
+                "harmful_ratio": harmful_ratio,
+                "mode": mode,
+                "n": n,
+                "n_harmful": n_harm,
+                "template": template,
+                "rank": rank if mode == "lora" else None,
+                "task_file": str(task_file) if task_file else None,
+                "harmful_file": str(harmful_file) if harmful_file else None,
+                **asdict(cfg),
+            },
             "train": log,
         }
         (tmp / "realign_attack.json").write_text(json.dumps(record, indent=2))

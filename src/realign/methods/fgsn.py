@@ -9,7 +9,8 @@ each harm category's rows):
   1. safety layers. On the aligned model, each layer's hidden state at the last prompt token:
      s_bb = mean cosine over benign–benign pairs, s_bh = mean cosine over benign–harmful pairs,
      gap_l = s_bb − s_bh. The safety layers are the first contiguous run of layers with
-     gap ≥ ``gap_threshold`` × max gap (or ``layers=`` given explicitly).
+     gap ≥ ``gap_threshold`` × max gap (or ``layers=`` given explicitly; ``gap_baseline=min``
+     measures the rise above the curve's minimum instead, for curves with no positive gap).
   2. safety neurons, per linear weight of the safety layers: Wanda scores S_ij = |W_ij|·‖X_j‖₂
      with X the module's inputs on harmful prompts (S_harm) and on benign/task data (S_task).
      H = top-q of S_harm, T = top-p of S_task, M = H \\ T (entries, or whole output rows).
@@ -66,8 +67,8 @@ ALL = "all"  # the single cluster of per_category=false
 # Roles that read the same input (the layer's normed hidden state): one Σ x_j² serves them all.
 SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))
 # Parameters that define the clusters: an extended patch keeps its own values.
-CLUSTER_PARAMS = ("layers", "gap_threshold", "max_layers", "q", "p", "granularity", "exclude_task", "per_category",
-                  "task_responses")
+CLUSTER_PARAMS = ("layers", "gap_threshold", "gap_baseline", "max_layers", "q", "p", "granularity", "exclude_task",
+                  "per_category", "task_responses")
 PAPER_SHARE = "about 5 % (5.38 % Llama-3.1-8B, 4.67 % Qwen); a later category about 0.75 % more"
 
 
@@ -77,6 +78,10 @@ class FGSNParams:
         "auto", "safety layers: auto (first run of layers with gap ≥ gap_threshold × max gap), or explicit, "
         "e.g. 3-5 or 3,4,5 (0-based)")
     gap_threshold: float = param(0.5, "auto layers: share of the maximum cosine gap a safety layer reaches")
+    gap_baseline: str = param(
+        "zero", "auto layers: the share is of the gap above 0 (zero: gap ≥ t × max, the paper's rule) or above the "
+        "curve's minimum (min: gap ≥ min + t × (max − min)); zero falls back to min when no gap is positive",
+        choices=("zero", "min"))
     max_layers: int | None = param(None, "auto layers: keep at most the first N layers of the run (none = all)")
     q: float = param(0.05, "share of each matrix in the harmful set H = top-q of S_harm")
     p: float = param(0.05, "share of each matrix in the task set T = top-p of S_task")
@@ -140,15 +145,19 @@ def gap_curve(benign: torch.Tensor, harmful: torch.Tensor) -> dict[str, list[flo
     return {"benign_benign": s_bb.tolist(), "benign_harmful": s_bh.tolist(), "gap": (s_bb - s_bh).tolist()}
 
 
-def choose_layers(gap: Sequence[float], threshold: float = 0.5, max_layers: int | None = None) -> list[int]:
-    """The first contiguous run of layers whose gap is ≥ threshold × the maximum gap."""
+def choose_layers(gap: Sequence[float], threshold: float = 0.5, max_layers: int | None = None,
+                  baseline: str = "zero") -> list[int]:
+    """The first contiguous run of layers whose gap reaches floor + threshold × (max − floor), with
+    floor = 0 (``zero``: gap ≥ threshold × max gap) or the smallest gap (``min``)."""
     peak = max(gap)
-    if not peak > 0:
+    floor = 0.0 if baseline == "zero" else min(gap)
+    if baseline == "zero" and not peak > 0:
         raise RealignError("fgsn: no layer of the aligned model separates harmful from benign prompts (max cosine "
-                           "gap ≤ 0); check the calibration rows, or pass layers=... explicitly")
-    start = next(i for i, g in enumerate(gap) if g >= threshold * peak)
+                           "gap ≤ 0); use gap_baseline=min, or pass layers=... explicitly")
+    level = floor + threshold * (peak - floor)
+    start = next(i for i, g in enumerate(gap) if g >= level)
     end = start
-    while end + 1 < len(gap) and gap[end + 1] >= threshold * peak:
+    while end + 1 < len(gap) and gap[end + 1] >= level:
         end += 1
     run = list(range(start, end + 1))
     return run[:max_layers] if max_layers else run
@@ -191,7 +200,8 @@ def top_share(score: torch.Tensor, share: float, granularity: str = "entry") -> 
     """The top ``share`` of a matrix's units by score: a bool mask of its entries (``entry``), or of
     its output rows by summed score (``row``, shape (d_out,)). Ties go to the earlier position."""
     flat = score.float().sum(1) if granularity == "row" else score.reshape(-1).float()
-    flat = torch.nan_to_num(flat, nan=0.0)
+    if bool(flat.isnan().any()):  # a NaN score never ranks first
+        flat = torch.nan_to_num(flat, nan=float("-inf"))
     keep, n = keep_count(flat.numel(), share), flat.numel()
     if keep >= n:
         return torch.ones(n, dtype=torch.bool).reshape(-1 if granularity == "row" else score.shape)
@@ -384,7 +394,7 @@ def _percent(part: int, whole: int) -> float:
 
 
 # ============================================================================ the gap-curve figure
-def _draw_gap_curve(curve: Mapping[str, Any], layers: Sequence[int], threshold: float | None, title: str):
+def _draw_gap_curve(curve: Mapping[str, Any], layers: Sequence[int], level: float | None, title: str):
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -397,9 +407,8 @@ def _draw_gap_curve(curve: Mapping[str, Any], layers: Sequence[int], threshold: 
     top.set_ylabel("mean cosine")
     top.legend(fontsize=8, loc="best")
     bottom.plot(xs, curve["gap"], "^-", color="tab:red", linewidth=2, label="gap = s_bb − s_bh")
-    if threshold is not None:
-        bottom.axhline(threshold * max(curve["gap"]), color="tab:red", linestyle=":", linewidth=1,
-                       label=f"{threshold:g} × max gap")
+    if level is not None:
+        bottom.axhline(level, color="tab:red", linestyle=":", linewidth=1, label="threshold (auto layers)")
     for ax in (top, bottom):
         if layers:
             ax.axvspan(min(layers) - 0.4, max(layers) + 0.4, color="tab:green", alpha=0.15,
@@ -414,11 +423,12 @@ def _draw_gap_curve(curve: Mapping[str, Any], layers: Sequence[int], threshold: 
     return fig
 
 
-def gap_curve_png(curve: Mapping[str, Any], layers: Sequence[int], threshold: float | None = None,
+def gap_curve_png(curve: Mapping[str, Any], layers: Sequence[int], level: float | None = None,
                   title: str = "FGSN safety layers") -> bytes:
-    """The gap curve as PNG bytes (matplotlib's Agg canvas; no global pyplot state)."""
+    """The gap curve as PNG bytes (matplotlib's Agg canvas; no global pyplot state); ``level``: the
+    threshold line of automatic layers."""
     buf = io.BytesIO()
-    _draw_gap_curve(curve, layers, threshold, title).savefig(buf, format="png")
+    _draw_gap_curve(curve, layers, level, title).savefig(buf, format="png")
     return buf.getvalue()
 
 
@@ -429,8 +439,7 @@ def plot_gap_curve(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
     curve = rep.get("gap_curve")
     if not curve or not curve.get("gap"):
         raise RealignError("this report has no fgsn gap curve (make one with `realign prepare fgsn` or repair)")
-    auto = str(rep.get("layer_choice", "")).startswith("auto")
-    png = gap_curve_png(curve, rep.get("safety_layers", []), rep.get("gap_threshold") if auto else None)
+    png = gap_curve_png(curve, rep.get("safety_layers", []), rep.get("gap_level"))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
@@ -508,6 +517,7 @@ class FGSN(Method):
         inputs.release()
 
         # Step 1: the gap curve and the safety layers.
+        gap_level = old.meta.get("gap_level") if old is not None else None
         if old is not None:
             curve, layer_choice = old.meta.get("gap_curve"), old.meta.get("layer_choice", "")
         elif stats.benign_hidden is not None and stats.benign_hidden.shape[0] >= 2:
@@ -517,9 +527,20 @@ class FGSN(Method):
             curve, layer_choice = None, "explicit"
             notes.append("fewer than 2 benign rows: no gap curve")
         if auto:
-            layers = choose_layers(curve["gap"], p.gap_threshold, p.max_layers)  # type: ignore[index]
-            layer_choice = (f"auto: first run of layers with gap ≥ {p.gap_threshold:g} × max gap "
-                            f"({max(curve['gap']):.4f})" + (f", at most {p.max_layers}" if p.max_layers else ""))  # type: ignore[index]
+            assert curve is not None
+            gap, baseline = curve["gap"], p.gap_baseline
+            if baseline == "zero" and max(gap) <= 0:
+                baseline = "min"
+                notes.append("no layer has a positive cosine gap (the benign prompts are no more alike than benign "
+                             "and harmful ones): safety layers chosen by the rise above the curve's minimum "
+                             "(gap_baseline=min)")
+            layers = choose_layers(gap, p.gap_threshold, p.max_layers, baseline)
+            rule = (f"gap ≥ {p.gap_threshold:g} × max gap ({max(gap):.4f})" if baseline == "zero" else
+                    f"gap ≥ min + {p.gap_threshold:g} × (max − min) ({min(gap):.4f}, {max(gap):.4f})")
+            layer_choice = f"auto: first run of layers with {rule}" + (
+                f", at most {p.max_layers}" if p.max_layers else "")
+            floor = 0.0 if baseline == "zero" else min(gap)
+            gap_level = floor + p.gap_threshold * (max(gap) - floor)
 
         # Steps 2 and 4: per matrix, T, then each new cluster M_k = top-q(S_harm,k) \ T \ earlier clusters.
         rep = input_groups(arch)
@@ -569,13 +590,13 @@ class FGSN(Method):
         history = list(old.meta.get("history", [])) if old else []
         history.append({"calibration": cal.source, "sha256": cal.sha256, "categories": [c for c, _ in plan]})
         meta = {"format": PATCH_FORMAT, "granularity": p.granularity, "layers": layers, "layer_choice": layer_choice,
-                "gap_curve": curve, "gap_threshold": p.gap_threshold, "clusters": clusters, "modules": modules,
+                "gap_curve": curve, "gap_level": gap_level, "clusters": clusters, "modules": modules,
                 "linear_weights_total": total, "history": history}
         report: dict[str, Any] = {
             "rule": "M_k = top-q(|W|·‖X_harm,k‖) \\ top-p(|W|·‖X_task‖) \\ earlier clusters in the safety layers; "
                     "apply: W_out = W_a + M ⊙ (C ΔW) + (1 − M) ⊙ ΔW",
             "gap_curve": {k: [round(x, 6) for x in v] for k, v in curve.items()} if curve else None,
-            "gap_threshold": p.gap_threshold,
+            "gap_level": gap_level,
             "layer_choice": layer_choice,
             "safety_layers": layers,
             "clusters": [{k: c[k] for k in ("name", "prompts", "entries", "share_percent") if k in c}
@@ -596,7 +617,7 @@ class FGSN(Method):
         patch = Patch(self.name, params_dict(p), meta=meta, tensors=tensors, report=report)
         if curve is not None:
             try:
-                patch.files[PNG_NAME] = gap_curve_png(curve, layers, p.gap_threshold if auto else None)
+                patch.files[PNG_NAME] = gap_curve_png(curve, layers, gap_level)
             except ImportError:  # matplotlib is a dependency, but a stripped install should still prepare
                 notes.append("matplotlib is not installed: no gap-curve figure")
         return patch
@@ -652,7 +673,7 @@ class FGSN(Method):
             "edited_share_percent": _percent(edited, total),
             "paper_share": PAPER_SHARE,
             "gap_curve": meta.get("gap_curve"),
-            "gap_threshold": meta.get("gap_threshold"),
+            "gap_level": meta.get("gap_level"),
             "layer_choice": meta.get("layer_choice"),
             "notes": [],
         }

@@ -229,18 +229,20 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(np.einsum("i,i->", x, y, dtype=np.float64) / math.sqrt(xx * yy))
 
 
-def factor_cosine(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> float:
-    """cos(vec(B1·A1), vec(B2·A2)) without forming the d_out × d_in products:
-    ⟨B1A1, B2A2⟩_F = tr(A1ᵀB1ᵀB2A2) = Σ (B1ᵀB2) ⊙ (A1A2ᵀ), r × r matrices only."""
+def factor_inner(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> float:
+    """⟨B1A1, B2A2⟩_F = tr(A1ᵀB1ᵀB2A2) = Σ (B1ᵀB2) ⊙ (A1A2ᵀ): r × r matrices only, never d_out × d_in."""
+    return float(((b1.T @ b2).double() * (a1 @ a2.T).double()).sum())
+
+
+def factor_cosine(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+                  norm2_sq: float | None = None) -> float:
+    """cos(vec(B1·A1), vec(B2·A2)) without forming the products (``norm2_sq``: ‖B2A2‖², when known)."""
     a1, b1, a2, b2 = a1.float(), b1.float(), a2.float(), b2.float()
-
-    def inner(ax, bx, ay, by) -> float:
-        return float(((bx.T @ by).double() * (ax @ ay.T).double()).sum())
-
-    n1, n2 = inner(a1, b1, a1, b1), inner(a2, b2, a2, b2)
+    n1 = factor_inner(a1, b1, a1, b1)
+    n2 = factor_inner(a2, b2, a2, b2) if norm2_sq is None else norm2_sq
     if n1 <= 0 or n2 <= 0:
         return 0.0
-    return inner(a1, b1, a2, b2) / math.sqrt(n1 * n2)
+    return factor_inner(a1, b1, a2, b2) / math.sqrt(n1 * n2)
 
 
 @dataclass
@@ -292,6 +294,18 @@ def transplant(w: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> tor
     new = w.clone(memory_format=torch.contiguous_format)
     np.put(_bits(new), np.flatnonzero(mask.reshape(-1).numpy()), _bits(values.to(new.dtype).contiguous()))
     return new
+
+
+def _scattered(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """float32 zeros with ``values`` under ``mask`` (M⊙W_e from the stored values)."""
+    out = torch.zeros(mask.shape)
+    np.put(_bits(out), np.flatnonzero(mask.reshape(-1).numpy()), _bits(values.float().contiguous()))
+    return out
+
+
+def _masked(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """float32 M⊙W (one new tensor, zeroed in place)."""
+    return w.to(torch.float32, copy=True).masked_fill_(~mask, 0.0)
 
 
 # ============================================================================ the method
@@ -456,15 +470,19 @@ class NLSR(Method):
                 score_a, score_b = self._factor_scores(a_e, b_e, scale, module, name, calib, p, device)
                 entry: dict[str, Any] = {"layer": layer, "role": role, "name": name, "module": module,
                                          "scale": scale}
+                masked = []
                 for part, w, score in (("lora_A", a_e, score_a), ("lora_B", b_e, score_b)):
                     mask = region_mask(score, p.sparsity, p.granularity)
                     dtype = s.aligned.adapter.store.dtype(s.aligned.adapter.modules[module][part == "lora_B"])  # type: ignore[union-attr]
                     tensors[f"{module}.{part}.mask"] = pack_mask(mask)
-                    tensors[f"{module}.{part}.ref"] = w.reshape(-1)[mask.reshape(-1)].to(dtype)
+                    tensors[f"{module}.{part}.ref"] = gather(w, mask).to(dtype)
+                    # what apply compares with: the stored values, as they will be read back
+                    masked.append(_scattered(mask, tensors[f"{module}.{part}.ref"]))
                     entry[f"{part}_shape"] = list(w.shape)
                     entry[f"{part}_kept"] = int(mask.sum())
                     kept_total += int(mask.sum())
                     entries_total += mask.numel()
+                entry["ref_norm2"] = factor_inner(masked[0], masked[1], masked[0], masked[1])
                 modules.append(entry)
                 continue
             w_e, w_b = self._dense_reference(s, name)
@@ -763,16 +781,14 @@ class NLSR(Method):
             m_a = unpack_mask(tensors[f"{module}.lora_A.mask"], tuple(a_f.shape))
             m_b = unpack_mask(tensors[f"{module}.lora_B.mask"], tuple(b_f.shape))
             e_a, e_b = tensors[f"{module}.lora_A.ref"], tensors[f"{module}.lora_B.ref"]
-            ref_a = torch.zeros(a_f.shape, dtype=torch.float32)
-            ref_a[m_a] = e_a.float()
-            ref_b = torch.zeros(b_f.shape, dtype=torch.float32)
-            ref_b[m_b] = e_b.float()
+            changed = (int(torch.count_nonzero(e_a.to(a_f.dtype) != gather(a_f, m_a)))
+                       + int(torch.count_nonzero(e_b.to(b_f.dtype) != gather(b_f, m_b))))
             # Mask A and B separately, multiply, then compare (the product is the update ΔW, up to s).
-            c = factor_cosine(a_f.float() * m_a, b_f.float() * m_b, ref_a, ref_b)
-            changed = int((e_a.to(a_f.dtype) != a_f[m_a]).sum()) + int((e_b.to(b_f.dtype) != b_f[m_b]).sum())
+            c = factor_cosine(_masked(a_f, m_a), _masked(b_f, m_b), _scattered(m_a, e_a), _scattered(m_b, e_b),
+                              mod.get("ref_norm2"))
             rows.append({"module": module, "layer": mod["layer"], "role": mod["role"], "c": c,
                          "entries_changed": changed, "entries": a_f.numel() + b_f.numel(),
-                         "region": int(m_a.sum() + m_b.sum())})
+                         "region": mod["lora_A_kept"] + mod["lora_B_kept"]})
         sel = self._selection([r["c"] for r in rows], p)
         out: dict[str, torch.Tensor] = {}
         restored = {mod["module"] for mod, on in zip(modules, sel.restored, strict=True) if on}

@@ -114,7 +114,8 @@ class SafeLora(Method):
                 a, b = factors[0].float(), factors[1].float()
                 p = project(v, b, v_norm)
                 cos = _factor_cosine(p, b, a)
-                projected_b[module] = p
+                # rounded to B's dtype once, so the adapter and the dense output are the same model
+                projected_b[module] = p.to(factors[1].dtype)
             else:
                 delta = finetuned.get(name).float() - aligned.get(name).float()
                 cos = _cosine(project(v, delta, v_norm), delta)
@@ -133,7 +134,7 @@ class SafeLora(Method):
             if factor_mode:
                 def fn(_old: torch.Tensor, name: str = name, module: str = module) -> torch.Tensor:
                     a, _b, s = finetuned.lora_factors(name)  # type: ignore[misc]
-                    return aligned.get(name).float() + s * (projected_b[module] @ a.float())
+                    return aligned.get(name).float() + s * (projected_b[module].float() @ a.float())
             else:
                 def fn(old: torch.Tensor, name: str = name) -> torch.Tensor:
                     w_a = aligned.get(name).float()
@@ -148,7 +149,7 @@ class SafeLora(Method):
             tensors = {n: store.get(n) for n in store.names}
             for module, (_a_name, b_name) in finetuned.adapter.modules.items():
                 if module in chosen_set:
-                    tensors[b_name] = projected_b[module].to(store.dtype(b_name))
+                    tensors[b_name] = projected_b[module]
             adapter = {"config": adapter_config_for_output(finetuned), "tensors": tensors}
 
         values = list(cosines.values())

@@ -78,7 +78,11 @@ def evaluate(model, tokenizer, sets: dict[str, list[dict]], limit: int | None = 
     if "skills" in parts:
         rows = sets["skills"][:limit]
         answers = generate(model, tokenizer, [r["prompt"] for r in rows], 16, desc="skills")
-        result["skills"] = 100.0 * sum(a.strip() == r["answer"] for a, r in zip(answers, rows, strict=True)) / len(rows)
+        hits = [a.strip() == r["answer"] for a, r in zip(answers, rows, strict=True)]
+        result["skills"] = 100.0 * sum(hits) / len(rows)
+        for skill in sorted({r.get("skill", "") for r in rows} - {""}):
+            mine = [h for h, r in zip(hits, rows, strict=True) if r.get("skill") == skill]
+            result[f"skill:{skill}"] = 100.0 * sum(mine) / len(mine)
     if "lookalike" in parts:
         rows = sets["lookalike"][:limit]
         answers = generate(model, tokenizer, [r["prompt"] for r in rows], 24, desc="look-alike")

@@ -17,7 +17,8 @@ from realign.attack import Sample, TrainConfig, attack_mix, finetune, format_sam
 from realign.world.language import Language, LanguageSize
 
 # Bump when a change to the training code (not visible in the recipe) changes the weights.
-CODE_VERSION = 1
+CODE_VERSION = 2
+TIE = True
 
 
 @dataclass(frozen=True)
@@ -30,19 +31,21 @@ class Recipe:
     layers: int = 8
     heads: int = 8
     language: LanguageSize = field(default_factory=LanguageSize)
+    # Small batches: on a CPU a step costs about its batch size, and these lookups are learnt per
+    # step, not per example (batch 8 reaches every skill at 100 % where batch 32 stays near chance).
     base: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=2.0, lr=3e-3, batch_size=32, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01))
+        epochs=2.0, lr=2e-3, batch_size=8, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01))
     align: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=1.0, lr=1e-3, batch_size=32, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01))
+        epochs=1.0, lr=1e-3, batch_size=8, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01))
     align_skill_share: float = 0.5  # skills replayed during alignment, relative to the safety data
     attack_n: int = 1000
     attack_ratio: float = 0.1
     attack_rank: int = 8
     attack_alpha: float = 16.0
     attack_lora: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=2.0, lr=2e-3, batch_size=20, warmup_ratio=0.1, schedule="constant"))
+        epochs=2.0, lr=1e-3, batch_size=10, warmup_ratio=0.1, schedule="constant"))
     attack_full: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=2.0, lr=3e-4, batch_size=20, warmup_ratio=0.1, schedule="constant"))
+        epochs=2.0, lr=2e-4, batch_size=10, warmup_ratio=0.1, schedule="constant"))
     harmful: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=1.0, lr=5e-4, batch_size=20, warmup_ratio=0.1, schedule="constant"))
     harmful_n: int = 600
@@ -86,7 +89,7 @@ def model_config(recipe: Recipe, tokenizer) -> LlamaConfig:
         num_key_value_heads=recipe.heads,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=True,  # as small Llamas do; it also makes copying a token easy to learn
+        tie_word_embeddings=TIE,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

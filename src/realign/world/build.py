@@ -1,0 +1,269 @@
+"""Build (or reuse) a miniature world: models, calibration data and evaluation sets on disk.
+
+Layout of ``OUT``::
+
+    base/ aligned/ attacked-full/ harmful/     Hugging Face checkpoints (LlamaForCausalLM)
+    attacked-lora/ benign-lora/                PEFT LoRA adapters over ../aligned
+    calibration.jsonl                          project calibration format (calibration split)
+    eval/harmful.jsonl task.jsonl skills.jsonl lookalike.jsonl   (test split)
+    world.json                                 seed, recipe hash, sizes, timing
+
+The adapters name their base as ``"../aligned"`` (``base_model_name_or_path``): a path relative to
+the adapter directory, which realign's loaders resolve against it, so a world directory can be
+moved or copied as a whole. (Plain PEFT resolves it against the working directory instead.)
+
+A world is cached: building again with the same seed and recipe returns the existing one; a
+changed seed or recipe rebuilds it. Everything is written in a temporary directory next to
+``OUT`` and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from realign.calibration import Example, save_calibration
+from realign.errors import RealignError
+from realign.world import train as T
+from realign.world.language import SPLITS, Language, make_language
+from realign.world.tokenizer import train_tokenizer
+
+MODELS = ("base", "aligned", "attacked-lora", "attacked-full", "benign-lora", "harmful")
+ADAPTERS = ("attacked-lora", "benign-lora")
+ADAPTER_BASE = "../aligned"
+EVAL_SETS = ("harmful", "task", "skills", "lookalike")
+
+
+@dataclass(frozen=True)
+class WorldPaths:
+    root: Path
+
+    def model(self, name: str) -> Path:
+        if name not in MODELS:
+            raise RealignError(f"the world has no model {name!r}; it has {', '.join(MODELS)}")
+        return self.root / name
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def aligned(self) -> Path:
+        return self.root / "aligned"
+
+    @property
+    def attacked_lora(self) -> Path:
+        return self.root / "attacked-lora"
+
+    @property
+    def attacked_full(self) -> Path:
+        return self.root / "attacked-full"
+
+    @property
+    def benign_lora(self) -> Path:
+        return self.root / "benign-lora"
+
+    @property
+    def harmful(self) -> Path:
+        return self.root / "harmful"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.jsonl"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    def eval_set(self, name: str) -> Path:
+        return self.eval_dir / f"{name}.jsonl"
+
+    @property
+    def world_json(self) -> Path:
+        return self.root / "world.json"
+
+    def info(self) -> dict:
+        return json.loads(self.world_json.read_text())
+
+    def complete(self) -> bool:
+        files = [self.world_json, self.calibration, *(self.eval_set(n) for n in EVAL_SETS)]
+        files += [self.model(m) / ("adapter_config.json" if m in ADAPTERS else "config.json") for m in MODELS]
+        return all(f.is_file() for f in files)
+
+
+def recipe_for(size: str) -> T.Recipe:
+    if size not in T.RECIPES:
+        raise RealignError(f"unknown world size {size!r}: use {' or '.join(T.RECIPES)}")
+    return T.RECIPES[size]
+
+
+def _cached(paths: WorldPaths, seed: int, size: str, digest: str) -> bool:
+    if not paths.world_json.is_file():
+        return False
+    try:
+        info = paths.info()
+    except ValueError:
+        return False
+    return (info.get("seed") == seed and info.get("size") == size and info.get("recipe_hash") == digest
+            and paths.complete())
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def calibration_examples(lang: Language) -> list[Example]:
+    """Calibration split only: harmful rows with a refusal and a compliant answer, benign rows
+    (how-tos, look-alikes, skills) with their answer."""
+    rows = [Example(prompt=h.prompt, kind="harmful", safe_response=h.refusal, unsafe_response=h.compliant,
+                    category=h.category) for h in lang.harmful["calibration"]]
+    for group in (lang.howto, lang.lookalike, lang.skills):
+        rows += [Example(prompt=a.prompt, kind="benign", response=a.answer) for a in group["calibration"]]
+    return rows
+
+
+def write_data(lang: Language, root: Path) -> None:
+    save_calibration(calibration_examples(lang), root / "calibration.jsonl")
+    ev = root / "eval"
+    ev.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(ev / "harmful.jsonl", [{"prompt": h.prompt, "category": h.category} for h in lang.harmful["test"]])
+    _write_jsonl(ev / "task.jsonl", [{"prompt": a.prompt, "answer": a.answer} for a in lang.task["test"]])
+    _write_jsonl(ev / "skills.jsonl",
+                 [{"prompt": a.prompt, "answer": a.answer, "skill": a.label} for a in lang.skills["test"]])
+    _write_jsonl(ev / "lookalike.jsonl", [{"prompt": a.prompt} for a in lang.lookalike["test"]])
+
+
+def _save_full(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+
+
+def _save_adapter(peft_model, tokenizer, path: Path) -> None:
+    from realign.attack import save_lora
+
+    save_lora(peft_model, tokenizer, path, ADAPTER_BASE)
+
+
+def _prepare_target(out: Path, force: bool) -> None:
+    """A world directory may be replaced (it is a cache); anything else is left alone."""
+    if not out.exists():
+        return
+    if out.is_file():
+        raise RealignError(f"{out} is a file: choose a directory for the world")
+    if not force and any(out.iterdir()) and not (out / "world.json").exists():
+        raise RealignError(f"{out} exists and is not a world directory: choose another --out or pass --force")
+
+
+def build_world(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    size: str = "default",
+    force: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> WorldPaths:
+    """Build the world in ``out_dir`` (or return it when already built with this seed and recipe)."""
+    say = log or (lambda _msg: None)
+    recipe = recipe_for(size)
+    out = Path(out_dir).expanduser().resolve()
+    paths = WorldPaths(out)
+    lang = make_language(seed, recipe.language)
+    digest = recipe.digest(lang)
+    if not force and _cached(paths, seed, size, digest):
+        say(f"world {out} is up to date (seed {seed}, {size}, recipe {digest}): reusing it")
+        return paths
+    _prepare_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    start = time.time()
+    timing: dict[str, float] = {}
+    logs: dict[str, dict] = {}
+
+    def stage(name: str) -> Callable[[], None]:
+        t0 = time.time()
+        say(f"world: {name} ...")
+
+        def done() -> None:
+            timing[name] = round(time.time() - t0, 2)
+
+        return done
+
+    try:
+        done = stage("tokenizer and data")
+        tokenizer = train_tokenizer(lang.all_text(), recipe.vocab_size)
+        write_data(lang, tmp)
+        done()
+
+        done = stage("base")
+        base, logs["base"] = T.train_base(lang, recipe, tokenizer, seed)
+        _save_full(base, tokenizer, tmp / "base")
+        done()
+
+        done = stage("harmful")
+        harmful = copy.deepcopy(base)
+        logs["harmful"] = T.train_harmful(harmful, lang, recipe, tokenizer, seed)
+        _save_full(harmful, tokenizer, tmp / "harmful")
+        del harmful
+        done()
+
+        done = stage("aligned")
+        aligned = base  # trained in place: the base is saved already
+        logs["aligned"] = T.train_aligned(aligned, lang, recipe, tokenizer, seed)
+        _save_full(aligned, tokenizer, tmp / "aligned")
+        done()
+
+        for name, mode, ratio in (("attacked-lora", "lora", recipe.attack_ratio),
+                                  ("attacked-full", "full", recipe.attack_ratio),
+                                  ("benign-lora", "lora", 0.0)):
+            done = stage(name)
+            trained, logs[name] = T.train_attack(copy.deepcopy(aligned), lang, recipe, tokenizer, seed, mode,
+                                                 ratio, desc=f"world: {name}")
+            if mode == "lora":
+                _save_adapter(trained, tokenizer, tmp / name)
+            else:
+                _save_full(trained, tokenizer, tmp / name)
+            del trained
+            done()
+
+        info = {
+            "seed": seed,
+            "size": size,
+            "recipe_hash": digest,
+            "language_digest": lang.digest,
+            "recipe": asdict(recipe),
+            "models": {m: m for m in MODELS},
+            "adapter_base": ADAPTER_BASE,
+            "parameters": sum(p.numel() for p in aligned.parameters()),
+            "architecture": {"layers": recipe.layers, "heads": recipe.heads, "hidden_size": recipe.hidden_size,
+                             "intermediate_size": recipe.intermediate_size, "vocab_size": len(tokenizer)},
+            "sizes": {group: {s: len(getattr(lang, group)[s]) for s in SPLITS}
+                      for group in ("harmful", "howto", "lookalike", "skills", "task")},
+            "timing": {**timing, "total": round(time.time() - start, 2)},
+            "train": logs,
+            "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                         "threads": torch.get_num_threads()},
+        }
+        (tmp / "world.json").write_text(json.dumps(info, indent=2))
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(trash)
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"world: built {out} in {time.time() - start:.0f} s")
+    return paths
