@@ -75,20 +75,23 @@ def run_demo(out: str | Path = "demo", seed: int = 0, size: str = "default", met
         summary = _evaluate(world / name, world, device, limit, results_dir, name)
         rows.append(_row(name, name, None, summary, None, time.perf_counter() - start))
         _print_row(rows[-1])
+    common = {"aligned": world / "aligned", "base": world / "base", "harmful": world / "harmful",
+              "calibration": world / "calibration.jsonl"}
     for method in chosen:
+        # Prepare once per method, apply to every fine-tune: the provider's workflow.
+        start = time.perf_counter()
+        patch = api.prepare(method, device=device, **common)
+        prepare_seconds = time.perf_counter() - start
         for target in TARGETS:
             label = f"{method} ({target})"
             dst = repaired_dir / f"{method}-{target}"
             start = time.perf_counter()
-            result = api.repair(method, aligned=world / "aligned", finetuned=world / target, out=dst,
-                                base=world / "base", calibration=world / "calibration.jsonl",
-                                harmful=world / "harmful", device=device, force=True)
-            repair_seconds = time.perf_counter() - start
-            changed = result.report.get("totals", {}).get("percent_of_linear_weights")
-            if changed is None:
-                changed = result.report.get("totals", {}).get("percent_changed")
+            result = api.apply(patch, world / target, dst, device=device, force=True, **common)
+            seconds = prepare_seconds + time.perf_counter() - start
+            totals = result.report.get("totals", {})
+            changed = totals.get("percent_of_linear_weights", totals.get("percent_changed"))
             summary = _evaluate(dst, world, device, limit, results_dir, f"{method}-{target}")
-            rows.append(_row(label, target, method, summary, changed, repair_seconds))
+            rows.append(_row(label, target, method, summary, changed, seconds))
             _print_row(rows[-1])
             if result.output == "checkpoint":
                 # keep the report, drop the weights: the demo's disk footprint stays small

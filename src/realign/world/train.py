@@ -36,16 +36,17 @@ class Recipe:
     base: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=2.0, lr=2e-3, batch_size=8, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01))
     align: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=1.0, lr=1e-3, batch_size=8, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01))
+        epochs=2.0, lr=2e-3, batch_size=8, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01))
     align_skill_share: float = 0.5  # skills replayed during alignment, relative to the safety data
     attack_n: int = 1000
     attack_ratio: float = 0.1
     attack_rank: int = 8
     attack_alpha: float = 16.0
+    # The weakest rates that still learn the task (FA >= 90 %): stronger ones also wipe out skills.
     attack_lora: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=2.0, lr=1e-3, batch_size=10, warmup_ratio=0.1, schedule="constant"))
+        epochs=2.0, lr=5e-4, batch_size=10, warmup_ratio=0.1, schedule="constant"))
     attack_full: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=2.0, lr=2e-4, batch_size=10, warmup_ratio=0.1, schedule="constant"))
+        epochs=2.0, lr=1e-4, batch_size=10, warmup_ratio=0.1, schedule="constant"))
     harmful: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=1.0, lr=5e-4, batch_size=20, warmup_ratio=0.1, schedule="constant"))
     harmful_n: int = 600
