@@ -427,6 +427,7 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
     write_json(tmp / "config.json", config)
     copy_side_files([ft.tokenizer_dir, ft.config_dir], tmp, TOKENIZER_FILES + ("generation_config.json",))
     total = ft.num_parameters()
+    added = sum(math.prod(a.shape) for a in edit.added.values())
     report["totals"] = {
         **report.get("totals", {}),
         "tensors_changed": counts["tensors_changed"],
@@ -435,13 +436,23 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
         "percent_changed": round(100.0 * counts["parameters_changed"] / max(total, 1), 4),
         "percent_of_linear_weights": round(100.0 * counts["parameters_changed"] / max(_linear_numel(ft), 1), 4),
         "tensors_added": len(edit.added),
+        "parameters_added": added,
+        # Changed and added together (e.g. baked biases): what the demo reports as "edited".
+        "percent_edited_of_linear_weights": round(
+            100.0 * (counts["parameters_changed"] + added) / max(_linear_numel(ft), 1), 4),
     }
     report["changed_per_tensor"] = per_tensor
 
 
 def _write_adapter_output(tmp: Path, ft: Model, edit: Edit, report: dict) -> None:
     assert edit.adapter is not None
-    write_adapter(tmp, edit.adapter["config"], edit.adapter["tensors"])
+    config = dict(edit.adapter["config"])
+    base_ref = config.get("base_model_name_or_path")
+    if ft.base is not None and base_ref and not Path(str(base_ref)).is_absolute() and Path(ft.base.path).exists():
+        # A base named relative to the input adapter (e.g. "../aligned") would point elsewhere from
+        # the output directory: name it absolutely so the output loads anywhere.
+        config["base_model_name_or_path"] = str(Path(ft.base.path).resolve())
+    write_adapter(tmp, config, edit.adapter["tensors"])
     copy_side_files([ft.path] if ft.is_adapter else [], tmp, TOKENIZER_FILES)
     changed = 0
     if ft.adapter is not None:

@@ -136,10 +136,11 @@ def list_methods() -> None:
     for name in available():
         m = get_method(name)
         console.print(f"[bold]{name}[/bold] — {m.title}" + (f"  ({m.paper})" if m.paper else ""))
-        needs = ", ".join(m.needs) or "-"
-        console.print(f"  needs: aligned, finetuned, {needs}; output: {m.natural_output}")
+        needs = ", ".join(["aligned", "finetuned", *m.needs])
+        uses = f"; uses when given: {', '.join(m.uses)}" if m.uses else ""
+        console.print(f"  needs: {needs}{uses}; output: {m.natural_output}")
         for pname, default, stage, text in param_help(m.Params):
-            console.print(f"  --set {pname}={default}  [{stage}] {text}")
+            console.print(f"  --set {pname}={default}  \\[{stage}] {text}", highlight=False)
 
 
 @app.command()

@@ -73,6 +73,8 @@ def load_model(
 
     silence_libraries()
     source = ref if isinstance(ref, Model) else open_model(ref, allow_pickle=allow_pickle)
+    # A model opened with the opt-in keeps it for every later load (calibration passes included).
+    allow_pickle = allow_pickle or source.allow_pickle
     if adapter is not None:
         if source.is_adapter:
             raise RealignError(f"{source.ref} is already an adapter; pass its base model with --adapter")

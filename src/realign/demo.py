@@ -89,7 +89,7 @@ def run_demo(out: str | Path = "demo", seed: int = 0, size: str = "default", met
             result = api.apply(patch, world / target, dst, device=device, force=True, **common)
             seconds = prepare_seconds + time.perf_counter() - start
             totals = result.report.get("totals", {})
-            changed = totals.get("percent_of_linear_weights", totals.get("percent_changed"))
+            changed = totals.get("percent_edited_of_linear_weights", totals.get("percent_changed"))
             summary = _evaluate(dst, world, device, limit, results_dir, f"{method}-{target}")
             rows.append(_row(label, target, method, summary, changed, seconds))
             _print_row(rows[-1])

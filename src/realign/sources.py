@@ -37,6 +37,7 @@ class TensorStore:
 
     def __init__(self, directory: Path, prefix: str = "model", allow_pickle: bool = False):
         self.directory = directory
+        self.allow_pickle = allow_pickle
         self.infos: dict[str, TensorInfo] = {}
         self._pickled: dict[str, Path] = {}
         self._pickle_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
@@ -204,6 +205,11 @@ class Model:
     @property
     def is_adapter(self) -> bool:
         return self.adapter is not None
+
+    @property
+    def allow_pickle(self) -> bool:
+        """Whether the user opted in to pickle weights when this model was opened."""
+        return self.weights.allow_pickle
 
     @cached_property
     def arch(self) -> Arch:

@@ -298,7 +298,7 @@ def _load_judge_model(kind: str, ref: str, device: str, dtype: str):
     cls = AutoModelForSequenceClassification if kind == "classifier" else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref)
-        model = cls.from_pretrained(ref, dtype=resolve_dtype(dtype, dev))
+        model = cls.from_pretrained(ref, dtype=resolve_dtype(dtype, dev), use_safetensors=True)
     except Exception as e:  # noqa: BLE001 — any load failure is one line of advice
         raise RealignError(
             f"cannot load the {kind} judge model {ref!r} ({type(e).__name__}); pass a local copy with "
