@@ -114,3 +114,11 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     peft_model.save_pretrained(root / "lora")
     return {"base": base, "aligned": aligned, "finetuned": finetuned, "lora": root / "lora", "root": root}
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    """The miniature world at its small (test) size, built once per test session."""
+    from realign.world.build import build_world
+
+    return build_world(tmp_path_factory.mktemp("worlds") / "small", seed=0, size="small")

@@ -437,9 +437,8 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
         "percent_of_linear_weights": round(100.0 * counts["parameters_changed"] / max(_linear_numel(ft), 1), 4),
         "tensors_added": len(edit.added),
         "parameters_added": added,
-        # Changed and added together (e.g. baked biases): what the demo reports as "edited".
-        "percent_edited_of_linear_weights": round(
-            100.0 * (counts["parameters_changed"] + added) / max(_linear_numel(ft), 1), 4),
+        # Changed and added together (e.g. baked biases), of all parameters: the demo's "edited" column.
+        "percent_edited": round(100.0 * (counts["parameters_changed"] + added) / max(total, 1), 4),
     }
     report["changed_per_tensor"] = per_tensor
 

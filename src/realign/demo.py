@@ -53,7 +53,8 @@ def _row(name: str, model: str, method: str | None, summary: dict[str, Any], cha
 
 
 def run_demo(out: str | Path = "demo", seed: int = 0, size: str = "default", methods: list[str] | None = None,
-             limit: int | None = None, device: str = "auto", rebuild: bool = False) -> list[Row]:
+             limit: int | None = None, device: str = "auto", rebuild: bool = False,
+             world_dir: str | Path | None = None) -> list[Row]:
     """Run the whole demo; returns the rows (also written to ``out/summary.json``)."""
     from realign import api
     from realign.methods import available
@@ -61,7 +62,8 @@ def run_demo(out: str | Path = "demo", seed: int = 0, size: str = "default", met
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    world = Path(build_world(out / "world", seed=seed, size=size, force=rebuild).root)
+    world = Path(build_world(world_dir or out / "world", seed=seed, size=size, force=rebuild,
+                             log=lambda msg: typer.echo(msg, err=True)).root)
     results_dir = out / "results"
     results_dir.mkdir(exist_ok=True)
     repaired_dir = out / "repaired"
@@ -89,7 +91,7 @@ def run_demo(out: str | Path = "demo", seed: int = 0, size: str = "default", met
             result = api.apply(patch, world / target, dst, device=device, force=True, **common)
             seconds = prepare_seconds + time.perf_counter() - start
             totals = result.report.get("totals", {})
-            changed = totals.get("percent_edited_of_linear_weights", totals.get("percent_changed"))
+            changed = totals.get("percent_edited", totals.get("percent_changed"))
             summary = _evaluate(dst, world, device, limit, results_dir, f"{method}-{target}")
             rows.append(_row(label, target, method, summary, changed, seconds))
             _print_row(rows[-1])
@@ -170,10 +172,11 @@ def demo(
     limit: Annotated[int | None, typer.Option(help="Evaluate at most N items per suite.")] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
     rebuild: Annotated[bool, typer.Option(help="Rebuild the world even if cached.")] = False,
+    world: Annotated[Path | None, typer.Option(help="World directory to use or build (default: OUT/world).")] = None,
 ) -> None:
     """The miniature world end to end: world → attacks → every method → HS/FA table and plot."""
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    run_demo(out, seed=seed, size=size, methods=chosen, limit=limit, device=device, rebuild=rebuild)
+    run_demo(out, seed=seed, size=size, methods=chosen, limit=limit, device=device, rebuild=rebuild, world_dir=world)
 
 
 def register(app: typer.Typer) -> None:
