@@ -213,21 +213,15 @@ def _calibration():
     return from_rows(rows)
 
 
-def test_antidote_matches_direct_wanda(world, tmp_path):
+def _direct_input_sqnorms(finetuned: Path, cal) -> dict[str, torch.Tensor]:
+    """Run the fine-tuned model one example at a time; sum of squared inputs of every linear module."""
     from transformers import AutoModelForCausalLM
 
     from realign.compute import load_tokenizer
     from realign.prompts import format_prompt
 
-    cal = _calibration()
-    res = api.repair("antidote", world["aligned"], world["finetuned"], tmp_path / "a", calibration=cal,
-                     params={"fraction": 0.25}, device="cpu")
-    out = tensors_of(tmp_path / "a")
-    f = tensors_of(world["finetuned"])
-    assert res.report["calibration_rows"] == 6 and res.report["modules_changed"] == 14
-    # direct: run the fine-tuned model one example at a time, full inputs of every linear module
-    model = AutoModelForCausalLM.from_pretrained(world["finetuned"]).eval()
-    tok = load_tokenizer(load_model(world["finetuned"]))
+    model = AutoModelForCausalLM.from_pretrained(finetuned).eval()
+    tok = load_tokenizer(load_model(finetuned))
     sq: dict[str, torch.Tensor] = {}
     hooks = []
     for name, mod in model.named_modules():
@@ -244,14 +238,51 @@ def test_antidote_matches_direct_wanda(world, tmp_path):
                 model(input_ids=torch.tensor([ids]))
     for h in hooks:
         h.remove()
+    return sq
+
+
+def _zero_top(w: torch.Tensor, col_sq: torch.Tensor, fraction: float) -> torch.Tensor:
+    score = w.abs() * col_sq.sqrt()[None, :]
+    k = int(w.shape[1] * fraction)
+    order = torch.argsort(score, dim=1, descending=True)[:, :k]
+    return w.clone().scatter_(1, order, 0.0)
+
+
+def test_antidote_matches_direct_wanda(world, tmp_path):
+    cal = _calibration()
+    res = api.repair("antidote", world["aligned"], world["finetuned"], tmp_path / "a", calibration=cal,
+                     params={"fraction": 0.25}, device="cpu")
+    out = tensors_of(tmp_path / "a")
+    f = tensors_of(world["finetuned"])
+    assert res.report["calibration_rows"] == 6 and res.report["modules_changed"] == 14
+    sq = _direct_input_sqnorms(world["finetuned"], cal)
     for n in linear_names(f):
-        w = f[n].double()
-        score = w.abs() * sq[n.removesuffix(".weight")].sqrt()[None, :]
-        k = int(w.shape[1] * 0.25)
-        order = torch.argsort(score, dim=1, descending=True)[:, :k]
-        expected = w.clone().scatter_(1, order, 0.0).float()
+        k = int(f[n].shape[1] * 0.25)
+        expected = _zero_top(f[n].double(), sq[n.removesuffix(".weight")], 0.25).float()
         assert torch.allclose(out[n], expected, atol=1e-6), n
         assert int((out[n] == 0).sum(1).min()) >= k
+    for n in set(out) - set(linear_names(f)):
+        assert torch.equal(out[n], f[n])
+
+
+def test_antidote_update_target_prunes_the_finetune_update(world, tmp_path):
+    """target=update: Wanda scores of dW = W_f - W_a; the top entries per row go back to W_a."""
+    cal = _calibration()
+    res = api.repair("antidote", world["aligned"], world["finetuned"], tmp_path / "u", calibration=cal,
+                     params={"fraction": 0.25, "target": "update"}, device="cpu")
+    assert res.report["target"] == "update"
+    out = tensors_of(tmp_path / "u")
+    f, a = tensors_of(world["finetuned"]), tensors_of(world["aligned"])
+    sq = _direct_input_sqnorms(world["finetuned"], cal)
+    reverted = 0
+    for n in linear_names(f):
+        delta = f[n].double() - a[n].double()
+        expected = (a[n].double() + _zero_top(delta, sq[n.removesuffix(".weight")], 0.25)).float()
+        assert torch.allclose(out[n], expected, atol=1e-6), n
+        reverted += int(((out[n] == a[n]) & (f[n] != a[n])).sum())
+        # the weights themselves are not zeroed: only updates are removed
+        assert int((out[n] == 0).sum()) <= int((f[n] == 0).sum()) + int((a[n] == 0).sum())
+    assert reverted > 0
     for n in set(out) - set(linear_names(f)):
         assert torch.equal(out[n], f[n])
 

@@ -31,9 +31,15 @@ def calibration():
 
 
 def last_hidden(model, tok, prompt: str) -> list[torch.Tensor]:
+    """Each layer's residual output at the last prompt token; the last layer's read BEFORE the final
+    norm (transformers' last hidden state is normalised, not the residual stream)."""
     ids = tok(format_prompt(tok, prompt, "auto"))["input_ids"]
+    seen = []
+    h = model.model.norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0, -1].double()))
     out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    return [h[0, -1].double() for h in out.hidden_states[1:]]
+    h.remove()
+    assert not torch.allclose(out.hidden_states[-1][0, -1].double(), seen[0])  # the norm does change it
+    return [h[0, -1].double() for h in out.hidden_states[1:-1]] + seen
 
 
 def p_refuse(model, tok, prompts, tokens) -> torch.Tensor:
@@ -86,6 +92,7 @@ def test_direction_search_and_bake_match_direct(tiny_models, tmp_path):
         assert search["per_layer"][str(layer)]["score"] == pytest.approx(scores[layer], abs=1e-5)
     best = max(scores, key=scores.get)
     assert result.report["layer"] == best and result.report["layer_chosen_by"] == "validation search"
+    assert result.report["coeff"] == coeff and result.report["coeff_chosen_by"] == "given"
 
     # the baked checkpoint reloads with stock transformers and equals the hooked fine-tune
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -98,6 +105,55 @@ def test_direction_search_and_bake_match_direct(tiny_models, tmp_path):
     assert torch.allclose(repaired(input_ids=ids).logits, want, atol=1e-4)
     assert not torch.allclose(ft(input_ids=ids).logits, want, atol=1e-4)  # the addition does something
     assert result.report["totals"]["parameters_changed"] == 0 and result.report["parameters_added"] == 32
+
+
+@torch.no_grad()
+def test_default_coefficient_is_the_largest_the_benign_answers_tolerate(tiny_models, tmp_path):
+    """c = 1 moves harmless prompts onto the harmful mean; the default c is the largest grid value
+    whose addition raises the held-out benign answers' loss by at most utility_tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    from realign.methods.refusal import COEFF_GRID
+
+    cal = calibration()
+    patch = api.prepare("refusal", tiny_models["aligned"], calibration=cal, device="cpu", params={"validation": 3})
+    # the random tiny model's direction is small and harmless to its answers; the world's is as large
+    # as the residual stream and breaks them at c = 1. Stand in for that with a large direction that
+    # does hurt the benign answers here (the search does not look at where a direction came from)
+    patch.tensors["directions"] = patch.tensors["directions"] * -200
+    answers = patch.meta["validation_benign_answers"]
+    assert [a[0] for a in answers] == patch.meta["validation_benign"] and all(a[1] == "w6 w7" for a in answers)
+    ft = AutoModelForCausalLM.from_pretrained(tiny_models["finetuned"]).eval()
+    tok = load_tokenizer(load_model(tiny_models["aligned"]))
+    direction = patch.tensors["directions"][1].float()
+
+    def loss(coeff: float) -> float:  # mean token loss of the benign answers, computed directly
+        h = added(ft, "model.layers.1.self_attn.o_proj", coeff * direction)
+        total, n = 0.0, 0
+        for prompt, answer in answers:
+            p = tok(format_prompt(tok, prompt, "auto"))["input_ids"]
+            a = tok(answer, add_special_tokens=False)["input_ids"]
+            logp = ft(input_ids=torch.tensor([p + a])).logits[0].double().log_softmax(-1)
+            total -= float(sum(logp[len(p) - 1 + i, t] for i, t in enumerate(a)))
+            n += len(a)
+        h.remove()
+        return total / n
+
+    base = loss(0.0)
+    tol = (loss(1.0) - base) / 4  # a tolerance that c = 1 breaks, so the search has to step down
+    assert tol > 0
+    result = api.apply(patch, tiny_models["finetuned"], tmp_path / "out",
+                       params={"layer": 1, "utility_tolerance": tol}, device="cpu")
+    c = result.report["coeff"]
+    assert result.report["coeff_chosen_by"].startswith("validation search") and c < 1.0
+    tried = result.report["search"]["per_layer"]["1"]["benign_loss_rise"]
+    assert c in COEFF_GRID or c == 0.0
+    for g in COEFF_GRID:
+        if g > c:  # every larger c was tried and rejected
+            assert loss(g) - base > tol and tried[f"{g:.4g}"] == pytest.approx(loss(g) - base, abs=1e-4)
+    if c:
+        assert loss(c) - base <= tol + 1e-6
+    assert result.report["vector_norm"] == pytest.approx(c * float(direction.norm()), rel=1e-5)
 
 
 def test_given_layer_through_cli_and_refusals(tiny_models, tmp_path):

@@ -11,7 +11,8 @@ Available statistics (per linear module, over the selected token positions):
                  LoRA B factor (P = A) without forming XᵀX;
 - ``capture``:   the module input at the selected positions, per example (e.g. per-head attention
                  outputs before o_proj at the last T response tokens);
-- ``hidden``:    each layer's output hidden state at the last prompt token, per example.
+- ``hidden``:    each layer's output hidden state at the last prompt token, per example (the
+                 last layer's before the final norm, like every other layer's).
 """
 
 from __future__ import annotations
@@ -157,6 +158,13 @@ def collect(
     for name in {*gram, *out_gram, *sqnorm, *capture, *project} - (from_output - {*gram, *sqnorm, *capture, *project}):
         handles.append(model.get_submodule(name).register_forward_pre_hook(pre_hook(name)))
     hidden_rows: list[torch.Tensor] = []
+    # transformers' last hidden state comes after the final norm; the last layer's own output is
+    # that norm's input, captured here so every layer is on the residual stream's scale.
+    final_in: list[torch.Tensor] = []
+    final_norm = final_norm_name(model, arch) if hidden else None
+    if final_norm:
+        handles.append(model.get_submodule(final_norm).register_forward_pre_hook(
+            lambda _m, args: final_in.append(args[0].detach())))
     pad = 0
     try:
         order = list(range(len(encoded)))
@@ -179,6 +187,9 @@ def collect(
                 rows = torch.arange(len(batch), device=device)
                 # hidden_states[0] is the embedding output; [l + 1] is layer l's output.
                 per_layer = [h[rows, last].float().cpu() for h in out.hidden_states[1:]]
+                if final_in:
+                    per_layer[-1] = final_in.pop()[rows, last].float().cpu()
+                    final_in.clear()
                 hidden_rows.append(torch.stack(per_layer, dim=1))
     finally:
         for h in handles:
@@ -248,3 +259,15 @@ def loss_gradients(
             p.grad = None
             p.requires_grad_(saved[n])
     return grads
+
+
+def final_norm_name(model, arch) -> str | None:
+    """Name of the norm after the last decoder layer (its input is the last layer's residual output)."""
+    prefix = arch.module_name(0, "o").split("layers.0.")[0]
+    for name in (f"{prefix}norm", f"{prefix}final_layernorm"):
+        try:
+            model.get_submodule(name)
+            return name
+        except AttributeError:
+            continue
+    return None

@@ -7,6 +7,12 @@ responses gives, per decoder linear module, the input column norms ‖X_j‖₂ 
 Wanda score of an entry is |W_ij| · ‖X_j‖₂; in every row of every decoder linear weight the
 ``fraction`` of entries with the highest scores is set to zero (int(fraction · d_in) per row, as
 in Wanda's per-output comparison group).
+
+``target=update`` scores and prunes the fine-tune's update ΔW = W_f − W_a instead of W_f (a pruned
+entry goes back to its aligned value). The reference code (git-disl/Antidote) prunes only the
+fine-tune's own trainable weights (the LoRA factors of the harmful fine-tune; q/k/v for a full
+fine-tune), never the aligned weights underneath; pruning whole W_f rows at their highest scores
+removes the weights every input uses most and breaks the model whatever it was fine-tuned on.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ class AntidoteParams:
     samples: int = param(2000, "most harmful calibration rows (prompt + unsafe response) used", stage="apply")
     max_length: int = param(256, "token limit per calibration example", stage="apply")
     batch_size: int = param(8, "calibration batch size", stage="apply")
+    target: str = param("weights", "weights: prune entries of W_f (the spec's rule); update: prune entries of "
+                        "dW = W_f - W_a, i.e. revert them to the aligned weights (the fine-tune's own weights, as "
+                        "the reference code prunes the LoRA factors)", stage="apply", choices=("weights", "update"))
 
 
 def prune_rows(weight: torch.Tensor, col_norms: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -68,13 +77,24 @@ class Antidote(Method):
         inputs.release()  # the weights are edited from the files; the running copy is no longer needed
         norms = {name: stats.column_norms(module).cpu() for module, name in modules.items()}
 
+        aligned = inputs.aligned
+
         def make(name: str):
+            if params.target == "update":
+                def fn(old: torch.Tensor) -> torch.Tensor:
+                    w_a = aligned.get(name).float()
+                    return w_a + prune_rows(old.float() - w_a, norms[name], params.fraction)
+                return fn
             return lambda old: prune_rows(old, norms[name], params.fraction)
 
         report = {
-            "rule": "per row of every decoder linear weight, zero the top fraction of |W_ij| * ||X_j||_2 "
-                    "(X: fine-tuned model's inputs on harmful prompt + unsafe response)",
+            "rule": ("per row of every decoder linear weight, zero the top fraction of |W_ij| * ||X_j||_2 "
+                     if params.target == "weights" else
+                     "per row of every decoder linear update dW = W_f - W_a, zero the top fraction of "
+                     "|dW_ij| * ||X_j||_2 ")
+                    + "(X: fine-tuned model's inputs on harmful prompt + unsafe response)",
             "fraction": params.fraction,
+            "target": params.target,
             "calibration_rows": len(rows),
             "calibration_tokens": stats.tokens,
             "modules_changed": len(modules),
