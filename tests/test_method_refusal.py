@@ -105,6 +105,8 @@ def test_direction_search_and_bake_match_direct(tiny_models, tmp_path):
     assert torch.allclose(repaired(input_ids=ids).logits, want, atol=1e-4)
     assert not torch.allclose(ft(input_ids=ids).logits, want, atol=1e-4)  # the addition does something
     assert result.report["totals"]["parameters_changed"] == 0 and result.report["parameters_added"] == 32
+    # The zero q/k/v biases the config needs are written but not counted as edits.
+    assert result.report["totals"]["parameters_added"] == 32 and result.report["totals"]["tensors_added"] > 1
 
 
 @torch.no_grad()

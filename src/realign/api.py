@@ -391,7 +391,7 @@ def _linear_numel(model: Model) -> int:
 
 
 def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_bytes: int) -> None:
-    counts = {"tensors_changed": 0, "parameters_changed": 0}
+    counts = {"tensors_changed": 0, "parameters_changed": 0, "parameters_added": 0}
     per_tensor: dict[str, int] = {}
     store = ft.weights
     specs: list[OutTensor] = []
@@ -419,7 +419,12 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
         else:
             specs.append(OutTensor(name, dtype_name(dtype), tuple(shape), copy_from=store.info(name)))
     for name, added in edit.added.items():
-        specs.append(OutTensor(name, dtype_name(added.dtype), tuple(added.shape), produce=added.produce))
+        def produce_added(fn=added.produce) -> torch.Tensor:
+            new = fn()
+            # Zeros added only for the config's sake (e.g. q/k/v biases next to a baked o_proj bias) edit nothing.
+            counts["parameters_added"] += int(torch.count_nonzero(new))
+            return new
+        specs.append(OutTensor(name, dtype_name(added.dtype), tuple(added.shape), produce=produce_added))
     bar = progress(range(len(specs)), desc="writing tensors", total=len(specs), unit="tensor")
     write_sharded(tmp, specs, max_shard_bytes=max_shard_bytes, on_tensor=lambda _t: next(bar, None))
     config = json.loads((ft.config_dir / "config.json").read_text())
@@ -427,7 +432,7 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
     write_json(tmp / "config.json", config)
     copy_side_files([ft.tokenizer_dir, ft.config_dir], tmp, TOKENIZER_FILES + ("generation_config.json",))
     total = ft.num_parameters()
-    added = sum(math.prod(a.shape) for a in edit.added.values())
+    added = counts["parameters_added"]
     report["totals"] = {
         **report.get("totals", {}),
         "tensors_changed": counts["tensors_changed"],

@@ -134,7 +134,7 @@ def _write_summary(out: Path, rows: list[Row]) -> None:
     for r in rows:
         table.add_row(r.name, _fmt(r.hs), _fmt(r.fa), _fmt(r.over_refusal), _fmt(r.skills),
                       _fmt(r.params_changed_pct, 3), _fmt(r.seconds))
-    Console().print(table)
+    Console(width=max(Console().width, 132)).print(table)  # one line per row, even in a log
     plot_rows(rows, out / "hs_vs_fa.png")
     typer.echo(f"wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'hs_vs_fa.png'}")
 
