@@ -7,6 +7,7 @@ model with random weights, written tensor by tensor (so writing it needs little 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def run_measured(code: str) -> tuple[float, float, float]:
     The code must print the RSS after its imports as ``BASELINE <mb>`` (use ``peak_rss_mb()``) and
     ``PEAK <mb>`` at the end; when it prints ``TIME <s>`` (the timed work alone, without interpreter
     start-up and imports) that is the seconds returned."""
+    settle()
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
@@ -124,7 +126,13 @@ def run_measured(code: str) -> tuple[float, float, float]:
     return (timed[0] if timed else seconds), peak, baseline
 
 
+def settle() -> None:
+    """Write back every dirty page (untimed) so the next timed writer does not pay for the last one's."""
+    os.sync()
+
+
 def copy_seconds(src: Path, dst: Path) -> float:
+    settle()
     start = time.perf_counter()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
     return time.perf_counter() - start
