@@ -346,3 +346,27 @@ def test_adapter_output_written_as_peft_adapter(tiny_models, tmp_path):
     expected = lora.base.get(name) + 0.5 * lora.adapter.delta(name.removesuffix(".weight"))
     assert torch.allclose(halved[name], expected, atol=1e-6)
     assert result.report["totals"]["adapter_parameters_changed"] > 0
+
+
+def test_prefetched_keeps_order_bounds_lookahead_and_raises_in_the_caller():
+    import threading
+
+    from realign.tensorio import prefetched
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def load(i: int) -> int:
+        with lock:
+            started.append(i)
+        if i == 7:
+            raise RealignError("seven")
+        return i * i
+
+    got = []
+    for i, sq in prefetched(range(7), load, ahead=1):
+        assert max(started) <= i + 1  # never more than one item ahead of the caller
+        got.append((i, sq))
+    assert got == [(i, i * i) for i in range(7)]
+    with pytest.raises(RealignError, match="seven"):
+        list(prefetched(range(10), load))

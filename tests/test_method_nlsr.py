@@ -18,12 +18,15 @@ from realign.methods.nlsr import (
     cosine,
     factor_cosine,
     factor_gradients,
+    gather,
     lowrank_projection,
+    masked_similarity,
     pack_mask,
     region_mask,
     select_modules,
     top_mask,
     transplant,
+    transplant_packed,
     unpack_mask,
     wanda_score,
 )
@@ -187,6 +190,29 @@ def test_transplant_changes_only_masked_entries():
     new = transplant(w, mask, torch.tensor([5.0, 7.0]))
     assert new[1, 2] == 5.0 and new[3, 0] == 7.0
     assert torch.equal(new[~mask], w[~mask])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_chunked_similarity_and_transplant_equal_the_direct_computation(monkeypatch, dtype, with_base):
+    import realign.methods.nlsr as nlsr
+
+    monkeypatch.setattr(nlsr, "_CHUNK", 64)  # many chunks, and a last one that is cut short
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(37, 29, generator=g).to(dtype)
+    mask = torch.rand(37, 29, generator=g) < 0.3
+    ref = (gather(w, mask).float() + 0.1 * torch.randn(int(mask.sum()), generator=g)).to(dtype)
+    ref[:3] = gather(w, mask)[:3]  # a few entries equal: not counted as changed
+    base = (0.5 * gather(w, mask).float()).to(dtype) if with_base else None
+    kept = [t.clone() for t in (w, ref)] + ([base.clone()] if base is not None else [])
+    f = gather(w, mask)
+    b = base.float() if base is not None else torch.zeros(f.shape)
+    c, changed = masked_similarity(w, pack_mask(mask), ref, base)
+    assert c == pytest.approx(cosine(f.float() - b, ref.float() - b), abs=1e-12)
+    assert changed == int(torch.count_nonzero(ref != f)) <= int(mask.sum()) - 3
+    assert torch.equal(transplant_packed(w, pack_mask(mask), ref), transplant(w, mask, ref))
+    # Inputs untouched (the patch's value vectors are read by every apply).
+    assert all(torch.equal(a, b) for a, b in zip(kept, [w, ref] + ([base] if base is not None else []), strict=True))
 
 
 # ============================================================================ statistics

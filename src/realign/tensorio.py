@@ -2,23 +2,34 @@
 
 Reading uses plain positioned reads (no mmap) so resident memory stays at one tensor; writing
 plans each shard's header from the declared (name, dtype, shape) list first and then streams the
-tensors' bytes, so a checkpoint of any size is written holding one tensor at a time. Untouched
-tensors are copied byte for byte from the source file (dtype and bits kept).
+tensors' bytes, so a checkpoint of any size is written holding two tensors at a time: the one
+being written and the next one, produced meanwhile in a background thread (file I/O and torch or
+numpy work release the GIL, so computing and writing overlap). Untouched tensors are copied byte
+for byte from the source file (dtype and bits kept).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from realign.errors import RealignError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -145,6 +156,32 @@ def _header_bytes(shard: list[OutTensor], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _libc_fallocate():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (AttributeError, OSError):
+        return None  # not Linux: no preallocation
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    return fn
+
+
+_FALLOCATE = _libc_fallocate()
+
+
+def preallocate(fd: int, size: int, path: Path) -> None:
+    """Reserve a file's blocks before writing it: on ext4 streaming into preallocated blocks is
+    several times faster than growing the file (bench/io.py), and a full disk fails here, at
+    once, instead of after minutes of work. Filesystems without fallocate are simply skipped
+    (glibc's posix_fallocate would emulate it by writing every block)."""
+    if _FALLOCATE is None or size <= 0:
+        return
+    if _FALLOCATE(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT):
+            raise RealignError(f"not enough disk space for {path} ({size / 1e9:.2f} GB): free space or choose "
+                               "another --out")
+
+
 def _copy_range(src: TensorInfo, out) -> None:
     """Copy a tensor's bytes file to file: in the kernel (copy_file_range) where it can, else by chunks."""
     out.flush()
@@ -172,19 +209,47 @@ def _copy_range(src: TensorInfo, out) -> None:
             left -= len(chunk)
 
 
+def prefetched(items: Iterable[T], load: Callable[[T], R], ahead: int = 1) -> Iterator[tuple[T, R]]:
+    """(item, load(item)) in order, with up to ``ahead`` further items loading in a background
+    thread while the caller works on the current one: the I/O of the next tensor overlaps the
+    work on this one, and at most ``ahead + 1`` results are held."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="realign-prefetch") as pool:
+        pending: deque[tuple[T, Future[R]]] = deque()
+        try:
+            for item in items:
+                pending.append((item, pool.submit(load, item)))
+                if len(pending) > ahead:
+                    yield _take(pending)
+            while pending:
+                yield _take(pending)
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _take(pending: deque) -> tuple:
+    # A function of its own, so no frame keeps the handed-out result alive after the caller drops it.
+    head, future = pending.popleft()
+    return head, future.result()
+
+
 def write_safetensors_stream(
     path: Path, shard: Iterable[OutTensor], metadata: dict[str, str] | None = None, on_tensor=None
 ) -> None:
-    """Write one safetensors file, holding at most one produced tensor in memory."""
+    """Write one safetensors file, holding at most two produced tensors in memory (the next one is
+    produced while this one is written)."""
     shard = list(shard)
-    with open(path, "wb") as out:
-        out.write(_header_bytes(shard, metadata or {}))
+    header = _header_bytes(shard, metadata or {})
+    produced = prefetched([t for t in shard if t.copy_from is None], lambda t: t.produce())  # type: ignore[misc]
+    with closing(produced), open(path, "wb") as out:
+        preallocate(out.fileno(), len(header) + sum(t.nbytes for t in shard), path)
+        out.write(header)
         for t in shard:
             if t.copy_from is not None:
                 _copy_range(t.copy_from, out)
             else:
                 assert t.produce is not None
-                value = t.produce()
+                _, value = next(produced)
                 if tuple(value.shape) != t.shape or dtype_name(value.dtype) != t.dtype:
                     raise RealignError(
                         f"internal: tensor {t.name} was declared {t.dtype}{list(t.shape)} "

@@ -31,8 +31,10 @@ values, and keeps nothing but c_j; the writer later re-reads what it transplants
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from realign.methods.base import Edit, Inputs, Method, Patch, param, params_dict
 from realign.progress import progress
 from realign.sources import LoraAdapter, Model, weights_sha256
 from realign.stats import Encoded, collect, encode, loss_gradients
+from realign.tensorio import prefetched
 
 PATCH_FORMAT = "nlsr/1"
 # Roles that read the same input (the layer's normed hidden state): one statistic serves them all.
@@ -293,6 +296,87 @@ def transplant(w: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> tor
     """(1 − M)⊙W + M⊙W_e, with W_e given by its values under M (row-major order)."""
     new = w.clone(memory_format=torch.contiguous_format)
     np.put(_bits(new), np.flatnonzero(mask.reshape(-1).numpy()), _bits(values.to(new.dtype).contiguous()))
+    return new
+
+
+# apply streams a whole checkpoint through the two functions below: they work on row-major chunks
+# of a matrix, straight from the packed mask bits (no full boolean mask, no full float copies),
+# in a few threads (numpy and torch release the GIL), and add the chunks up in a fixed order.
+_CHUNK = 1 << 22  # entries; a multiple of 8 so chunks start on a mask byte
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _popcount(packed: np.ndarray) -> int:
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return int(np.bitwise_count(packed).sum(dtype=np.int64))
+    return int(_POPCOUNT[packed].sum(dtype=np.int64))
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                                   thread_name_prefix="realign-nlsr")
+    return _POOL
+
+
+def _chunks(packed: torch.Tensor, n: int) -> list[tuple[int, int, int]]:
+    """(first entry, entries, offset of the chunk's first masked entry in the value vectors)."""
+    bits = packed.numpy()
+    out, offset = [], 0
+    for start in range(0, n, _CHUNK):
+        size = min(_CHUNK, n - start)
+        out.append((start, size, offset))
+        offset += _popcount(bits[start // 8:(start + size + 7) // 8])
+    return out
+
+
+def _chunk_mask(packed: torch.Tensor, start: int, size: int) -> np.ndarray:
+    return np.unpackbits(packed.numpy()[start // 8:(start + size + 7) // 8], count=size).view(np.bool_)
+
+
+def masked_similarity(w_f: torch.Tensor, packed: torch.Tensor, ref: torch.Tensor,
+                      base: torch.Tensor | None = None) -> tuple[float, int]:
+    """(c, changed) for one module: c = cos(W_f[M] − W_b[M], W_e[M] − W_b[M]) (without ``base``:
+    cos(W_f[M], W_e[M])), accumulated in float64; changed = entries where W_e[M] differs from
+    W_f[M] in W_f's dtype. Equal to ``cosine(gather(...) − base, ref − base)`` up to summation order."""
+    w_f = w_f.detach().cpu().contiguous()
+    bits, dtype = _bits(w_f), w_f.dtype
+
+    def part(chunk: tuple[int, int, int]) -> tuple[float, float, float, int]:
+        start, size, offset = chunk
+        f = torch.from_numpy(np.compress(_chunk_mask(packed, start, size), bits[start:start + size])).view(dtype)
+        e = ref[offset:offset + f.numel()]
+        changed = int(torch.count_nonzero(e.to(dtype) != f))
+        if base is not None:
+            b = base[offset:offset + f.numel()].float()
+            x, y = f.float() - b, e.float() - b  # new tensors: the patch's values are never touched
+        else:
+            x, y = f.float(), e.float()
+        xn, yn = x.numpy(), y.numpy()
+        dot = [float(np.einsum("i,i->", u, v, dtype=np.float64)) for u, v in ((xn, xn), (yn, yn), (xn, yn))]
+        return dot[0], dot[1], dot[2], changed
+
+    parts = list(_pool().map(part, _chunks(packed, w_f.numel())))
+    xx, yy, xy = (math.fsum(p[i] for p in parts) for i in range(3))
+    changed = sum(p[3] for p in parts)
+    if xx == 0 or yy == 0:
+        return 0.0, changed
+    return xy / math.sqrt(xx * yy), changed
+
+
+def transplant_packed(w: torch.Tensor, packed: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``transplant`` with the mask given as packed bits, chunk by chunk in threads."""
+    new = w.detach().cpu().clone(memory_format=torch.contiguous_format)
+    bits, vals = _bits(new), _bits(values.to(new.dtype).contiguous())
+
+    def part(chunk: tuple[int, int, int]) -> None:
+        start, size, offset = chunk
+        where = np.flatnonzero(_chunk_mask(packed, start, size))
+        np.put(bits[start:start + size], where, vals[offset:offset + where.size])
+
+    list(_pool().map(part, _chunks(packed, new.numel())))
     return new
 
 
@@ -664,17 +748,17 @@ class NLSR(Method):
                 got = list(ft.shape(name)) if name in ft else "missing"
                 raise RealignError(f"the patch does not fit fine-tune {ft.ref}: {name} is {got}, the patch was "
                                    f"prepared for {list(shape)}")
-        for mod in progress(modules, desc="NLSR: similarity per module", total=len(modules), unit="module"):
-            name, shape = mod["name"], tuple(mod["shape"])
-            w_f = ft.get(name)
-            f = gather(w_f, unpack_mask(tensors[f"{name}.mask"], shape))
-            e = tensors[f"{name}.ref"]
-            if has_base:
-                b = tensors[f"{name}.base"].float()
-                c = cosine(f.float() - b, e.float() - b)
-            else:
-                c = cosine(f, e)
-            changed = int(torch.count_nonzero(e.to(w_f.dtype) != f))
+        def read(mod: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+            name = mod["name"]
+            return (ft.get(name), tensors[f"{name}.mask"], tensors[f"{name}.ref"],
+                    tensors[f"{name}.base"] if has_base else None)
+
+        # The next module's tensors are read while this one is scored.
+        for mod, arrays in progress(prefetched(modules, read), desc="NLSR: similarity per module",
+                                    total=len(modules), unit="module"):
+            shape = tuple(mod["shape"])
+            c, changed = masked_similarity(*arrays)
+            del arrays
             rows.append({"module": mod["module"], "layer": mod["layer"], "role": mod["role"], "c": c,
                          "entries_changed": changed, "entries": math.prod(shape), "region": mod["kept"]})
         sel = self._selection([r["c"] for r in rows], p)
@@ -698,7 +782,7 @@ class NLSR(Method):
     def _transplant_fn(tensors, name: str, shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
         # The mask and values are re-read when the writer reaches this tensor: memory stays one module.
         def fn(old: torch.Tensor) -> torch.Tensor:
-            return transplant(old, unpack_mask(tensors[f"{name}.mask"], shape), tensors[f"{name}.ref"])
+            return transplant_packed(old, tensors[f"{name}.mask"], tensors[f"{name}.ref"])
         return fn
 
     def _dense_adapter(self, ft: Model, modules, restored, transforms) -> dict[str, Any]:
