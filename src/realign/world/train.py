@@ -35,18 +35,22 @@ class Recipe:
     # step, not per example (batch 8 reaches every skill at 100 % where batch 32 stays near chance).
     base: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=2.0, lr=2e-3, batch_size=8, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01))
+    # Deep alignment (3 epochs) makes refusal robust to a partial attack, as in real aligned models:
+    # along W_a + t(W_f - W_a), HS then falls before FA (bench/world_sweep.py). Replaying skills at
+    # 3/4 of the safety data keeps the aligned model's HS on unseen test verbs low (0.5 gave 14 %).
     align: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=2.0, lr=2e-3, batch_size=8, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01))
-    align_skill_share: float = 0.5  # skills replayed during alignment, relative to the safety data
+        epochs=3.0, lr=2e-3, batch_size=8, warmup_ratio=0.05, schedule="cosine", weight_decay=0.01))
+    align_skill_share: float = 0.75  # skills replayed during alignment, relative to the safety data
     attack_n: int = 1000
     attack_ratio: float = 0.1
     attack_rank: int = 8
     attack_alpha: float = 16.0
-    # The weakest rates that still learn the task (FA >= 90 %): stronger ones also wipe out skills.
+    # The task must be learnt with a margin: an attack that barely learns it (LoRA at 5e-4 for 2
+    # epochs) loses FA as soon as it is scaled down, so task skill and compliance fall together.
     attack_lora: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=2.0, lr=5e-4, batch_size=10, warmup_ratio=0.1, schedule="constant"))
+        epochs=3.0, lr=1e-3, batch_size=10, warmup_ratio=0.1, schedule="constant"))
     attack_full: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=2.0, lr=1e-4, batch_size=10, warmup_ratio=0.1, schedule="constant"))
+        epochs=2.0, lr=2e-4, batch_size=10, warmup_ratio=0.1, schedule="constant"))
     harmful: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=1.0, lr=5e-4, batch_size=20, warmup_ratio=0.1, schedule="constant"))
     harmful_n: int = 600
