@@ -302,7 +302,7 @@ def transplant(w: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> tor
 # apply streams a whole checkpoint through the two functions below: they work on row-major chunks
 # of a matrix, straight from the packed mask bits (no full boolean mask, no full float copies),
 # in a few threads (numpy and torch release the GIL), and add the chunks up in a fixed order.
-_CHUNK = 1 << 22  # entries; a multiple of 8 so chunks start on a mask byte
+_CHUNK = 1 << 20  # entries (a multiple of 8 so chunks start on a mask byte); small: 4 threads hold one each
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
