@@ -310,6 +310,8 @@ def _popcount(packed: np.ndarray) -> int:
     if hasattr(np, "bitwise_count"):  # numpy >= 2
         return int(np.bitwise_count(packed).sum(dtype=np.int64))
     return int(_POPCOUNT[packed].sum(dtype=np.int64))
+
+
 _POOL: ThreadPoolExecutor | None = None
 
 
