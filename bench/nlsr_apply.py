@@ -229,9 +229,14 @@ def part_1b(root: Path, rounds: int) -> None:
     ok = s / cp <= 3 and r <= budget
     print(f"{'dense, 1B':<12}{s:>9.2f}{cp:>8.2f}{s / cp:>7.2f}{st:>10.2f}{s / st:>7.2f}{r:>13.0f}{budget:>11.0f}"
           f"  {'ok' if ok else 'MISSED'} (targets: ratio to cp ≤ 3, RSS ≤ budget)")
+    paired = sorted(a / c for a, c in zip(secs, cps, strict=True))
+    print(f"per round (cp, then stream, then apply, one after the other): apply / cp = "
+          f"{', '.join(f'{a / c:.2f}' for a, c in zip(secs, cps, strict=True))}; "
+          f"median {paired[len(paired) // 2]:.2f}; "
+          f"cp s {', '.join(f'{c:.2f}' for c in cps)}; apply s {', '.join(f'{a:.2f}' for a in secs)}")
     print("(apply: api.apply in a fresh interpreter after imports, best of rounds; RSS: the most beyond the imports "
           "over rounds; cp: `cp -r` of the fine-tune; stream: realign's own byte-copy of every tensor, the floor "
-          "an apply stands on)")
+          "an apply stands on; on a shared VM disk cp alone varies several-fold between rounds)")
 
 
 def part_lora8b(root: Path, layers: int) -> None:

@@ -206,11 +206,15 @@ def test_chunked_similarity_and_transplant_equal_the_direct_computation(monkeypa
     base = (0.5 * gather(w, mask).float()).to(dtype) if with_base else None
     kept = [t.clone() for t in (w, ref)] + ([base.clone()] if base is not None else [])
     f = gather(w, mask)
-    b = base.float() if base is not None else torch.zeros(f.shape)
+    b = base.double() if base is not None else torch.zeros(f.shape, dtype=torch.float64)
     c, changed = masked_similarity(w, pack_mask(mask), ref, base)
-    assert c == pytest.approx(cosine(f.float() - b, ref.float() - b), abs=1e-12)
+    assert c == pytest.approx(cosine(f.double() - b, ref.double() - b), abs=1e-12)
     assert changed == int(torch.count_nonzero(ref != f)) <= int(mask.sum()) - 3
-    assert torch.equal(transplant_packed(w, pack_mask(mask), ref), transplant(w, mask, ref))
+    new, n_changed = transplant_packed(w, pack_mask(mask), ref)
+    assert torch.equal(new, transplant(w, mask, ref)) and n_changed == int(torch.count_nonzero(new != w)) == changed
+    owned = w.clone()
+    in_place, n_in_place = transplant_packed(owned, pack_mask(mask), ref, in_place=True)
+    assert in_place.data_ptr() == owned.data_ptr() and torch.equal(in_place, new) and n_in_place == n_changed
     # Inputs untouched (the patch's value vectors are read by every apply).
     assert all(torch.equal(a, b) for a, b in zip(kept, [w, ref] + ([base] if base is not None else []), strict=True))
 

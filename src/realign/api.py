@@ -403,11 +403,13 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
         if name in edit.transforms:
             def produce(name=name, fn=edit.transforms[name], dtype=dtype, shape=shape) -> torch.Tensor:
                 old = ft.get(name)
-                new = fn(old)
+                result = fn(old)
+                new, changed = result if isinstance(result, tuple) else (result, None)
                 if tuple(new.shape) != tuple(shape):
                     raise RealignError(f"internal: {name} changed shape {list(shape)} -> {list(new.shape)}")
                 new = new.to(dtype)
-                changed = int(torch.count_nonzero(new != old))
+                if changed is None:  # the transform did not count (and left ``old`` as it was)
+                    changed = int(torch.count_nonzero(new != old))
                 if changed:
                     counts["tensors_changed"] += 1
                     counts["parameters_changed"] += changed

@@ -26,7 +26,7 @@ from realign.archs import Arch
 from realign.progress import progress
 from realign.prompts import format_prompt, resolve_template
 
-POSITIONS = ("response", "prompt", "all", "last_prompt", "last_response")
+POSITIONS = ("response", "prompt", "all", "last_prompt", "last_response", "first_response")
 
 
 @dataclass
@@ -58,6 +58,17 @@ def encode(tokenizer, items: Sequence[tuple[str, str | None]], template: str = "
     return out
 
 
+def padded(batch: Sequence[Encoded], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of ``batch``, right-padded to its longest example."""
+    length = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), length), pad, dtype=torch.long)
+    attn = torch.zeros(len(batch), length, dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        attn[i, : len(e.input_ids)] = 1
+    return ids, attn
+
+
 def position_mask(batch: list[Encoded], length: int, positions: str, last_k: int = 1) -> torch.Tensor:
     """(B, length) bool: which token positions count, for right-padded ``batch``."""
     mask = torch.zeros(len(batch), length, dtype=torch.bool)
@@ -73,6 +84,8 @@ def position_mask(batch: list[Encoded], length: int, positions: str, last_k: int
             mask[i, p - 1] = True
         elif positions == "last_response":
             mask[i, max(p, n - last_k):n] = True
+        elif positions == "first_response":
+            mask[i, p:min(n, p + last_k)] = True
         else:
             raise ValueError(f"positions must be one of {POSITIONS}")
     return mask
@@ -165,18 +178,13 @@ def collect(
     if final_norm:
         handles.append(model.get_submodule(final_norm).register_forward_pre_hook(
             lambda _m, args: final_in.append(args[0].detach())))
-    pad = 0
     try:
         order = list(range(len(encoded)))
         for start in progress(range(0, len(order), batch_size), desc=desc,
                               total=(len(order) + batch_size - 1) // batch_size, unit="batch"):
             batch = [encoded[i] for i in order[start:start + batch_size]]
-            length = max(len(e.input_ids) for e in batch)
-            ids = torch.full((len(batch), length), pad, dtype=torch.long)
-            attn = torch.zeros(len(batch), length, dtype=torch.long)
-            for i, e in enumerate(batch):
-                ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-                attn[i, : len(e.input_ids)] = 1
+            ids, attn = padded(batch)
+            length = ids.shape[1]
             state["mask"] = position_mask(batch, length, positions, last_k)
             stats.tokens += int(state["mask"].sum())
             stats.examples += len(batch)
@@ -203,13 +211,8 @@ def _batches(encoded: Sequence[Encoded], batch_size: int, positions: str, last_k
     """Right-padded (input_ids, attention_mask, position mask, batch) per batch, in order."""
     for start in range(0, len(encoded), batch_size):
         batch = list(encoded[start:start + batch_size])
-        length = max(len(e.input_ids) for e in batch)
-        ids = torch.zeros((len(batch), length), dtype=torch.long)
-        attn = torch.zeros(len(batch), length, dtype=torch.long)
-        for i, e in enumerate(batch):
-            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            attn[i, : len(e.input_ids)] = 1
-        yield ids, attn, position_mask(batch, length, positions, last_k), batch
+        ids, attn = padded(batch)
+        yield ids, attn, position_mask(batch, ids.shape[1], positions, last_k), batch
 
 
 def loss_gradients(

@@ -149,7 +149,11 @@ class Edit:
     """The per-fine-tune result of ``apply``: how each changed tensor is computed from the
     fine-tuned value, tensors to add, config changes, or an adapter when that is the output."""
 
-    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    # name -> fn(old) giving the new tensor. ``old`` is a fresh CPU tensor the transform owns: it may
+    # write into it, and then returns (new tensor, entries changed), since the writer can no longer
+    # compare new with old; a transform that returns a tensor alone must leave ``old`` unchanged.
+    transforms: dict[str, Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, int]]] = field(
+        default_factory=dict)
     added: dict[str, Added] = field(default_factory=dict)
     config_updates: dict[str, Any] = field(default_factory=dict)
     adapter: dict[str, Any] | None = None  # {"config": adapter_config, "tensors": {name: tensor}}

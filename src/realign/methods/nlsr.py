@@ -342,7 +342,8 @@ def masked_similarity(w_f: torch.Tensor, packed: torch.Tensor, ref: torch.Tensor
                       base: torch.Tensor | None = None) -> tuple[float, int]:
     """(c, changed) for one module: c = cos(W_f[M] − W_b[M], W_e[M] − W_b[M]) (without ``base``:
     cos(W_f[M], W_e[M])), accumulated in float64; changed = entries where W_e[M] differs from
-    W_f[M] in W_f's dtype. Equal to ``cosine(gather(...) − base, ref − base)`` up to summation order."""
+    W_f[M] in W_f's dtype. Equal to ``cosine(gather(...) − base, ref − base)`` with the differences
+    taken in float64, up to summation order."""
     w_f = w_f.detach().cpu().contiguous()
     bits, dtype = _bits(w_f), w_f.dtype
 
@@ -351,14 +352,12 @@ def masked_similarity(w_f: torch.Tensor, packed: torch.Tensor, ref: torch.Tensor
         f = torch.from_numpy(np.compress(_chunk_mask(packed, start, size), bits[start:start + size])).view(dtype)
         e = ref[offset:offset + f.numel()]
         changed = int(torch.count_nonzero(e.to(dtype) != f))
+        # float64: exact differences and products of the stored values, new tensors (the patch is never touched)
+        x, y = f.double(), e.double()
         if base is not None:
-            b = base[offset:offset + f.numel()].float()
-            x, y = f.float() - b, e.float() - b  # new tensors: the patch's values are never touched
-        else:
-            x, y = f.float(), e.float()
-        xn, yn = x.numpy(), y.numpy()
-        dot = [float(np.einsum("i,i->", u, v, dtype=np.float64)) for u, v in ((xn, xn), (yn, yn), (xn, yn))]
-        return dot[0], dot[1], dot[2], changed
+            b = base[offset:offset + f.numel()].double()
+            x, y = x.sub_(b), y.sub_(b)
+        return float(x @ x), float(y @ y), float(x @ y), changed
 
     parts = list(_pool().map(part, _chunks(packed, w_f.numel())))
     xx, yy, xy = (math.fsum(p[i] for p in parts) for i in range(3))
@@ -368,18 +367,29 @@ def masked_similarity(w_f: torch.Tensor, packed: torch.Tensor, ref: torch.Tensor
     return xy / math.sqrt(xx * yy), changed
 
 
-def transplant_packed(w: torch.Tensor, packed: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """``transplant`` with the mask given as packed bits, chunk by chunk in threads."""
-    new = w.detach().cpu().clone(memory_format=torch.contiguous_format)
+def transplant_packed(w: torch.Tensor, packed: torch.Tensor, values: torch.Tensor,
+                      in_place: bool = False) -> tuple[torch.Tensor, int]:
+    """``transplant`` with the mask given as packed bits, chunk by chunk in threads. Returns the
+    new tensor and how many entries changed value (``new != w``). ``in_place``: write into ``w``
+    itself (a contiguous CPU tensor the caller owns), sparing a copy of the whole matrix."""
+    new = w if in_place else w.detach().cpu().clone(memory_format=torch.contiguous_format)
+    if in_place and (new.device.type != "cpu" or not new.is_contiguous()):
+        raise ValueError("in_place needs a contiguous CPU tensor")
     bits, vals = _bits(new), _bits(values.to(new.dtype).contiguous())
+    dtype = new.dtype
 
-    def part(chunk: tuple[int, int, int]) -> None:
+    def part(chunk: tuple[int, int, int]) -> int:
         start, size, offset = chunk
         where = np.flatnonzero(_chunk_mask(packed, start, size))
-        np.put(bits[start:start + size], where, vals[offset:offset + where.size])
+        region, incoming = bits[start:start + size], vals[offset:offset + where.size]
+        # compared as values of the dtype (−0 = +0, NaN ≠ NaN), as ``new != w`` would
+        changed = int(torch.count_nonzero(torch.from_numpy(region[where]).view(dtype)
+                                          != torch.from_numpy(incoming).view(dtype)))
+        np.put(region, where, incoming)
+        return changed
 
-    list(_pool().map(part, _chunks(packed, new.numel())))
-    return new
+    changed = sum(_pool().map(part, _chunks(packed, new.numel())))
+    return new, changed
 
 
 def _scattered(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -764,7 +774,7 @@ class NLSR(Method):
             rows.append({"module": mod["module"], "layer": mod["layer"], "role": mod["role"], "c": c,
                          "entries_changed": changed, "entries": math.prod(shape), "region": mod["kept"]})
         sel = self._selection([r["c"] for r in rows], p)
-        transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        transforms: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, int]]] = {}
         for mod, restored in zip(modules, sel.restored, strict=True):
             if restored:
                 transforms[mod["name"]] = self._transplant_fn(tensors, mod["name"], tuple(mod["shape"]))
@@ -781,10 +791,12 @@ class NLSR(Method):
         return Edit(transforms=transforms, adapter=adapter, report=report, dense=True)
 
     @staticmethod
-    def _transplant_fn(tensors, name: str, shape: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _transplant_fn(tensors, name: str, shape: tuple[int, ...]
+                       ) -> Callable[[torch.Tensor], tuple[torch.Tensor, int]]:
         # The mask and values are re-read when the writer reaches this tensor: memory stays one module.
-        def fn(old: torch.Tensor) -> torch.Tensor:
-            return transplant_packed(old, tensors[f"{name}.mask"], tensors[f"{name}.ref"])
+        # The writer hands over a fresh copy of W_f: transplanted in place, with the changes counted.
+        def fn(old: torch.Tensor) -> tuple[torch.Tensor, int]:
+            return transplant_packed(old, tensors[f"{name}.mask"], tensors[f"{name}.ref"], in_place=True)
         return fn
 
     def _dense_adapter(self, ft: Model, modules, restored, transforms) -> dict[str, Any]:
@@ -810,7 +822,8 @@ class NLSR(Method):
             name, d_out, d_in = full[module]
             base = ft.base.get(name)  # type: ignore[union-attr]
             old = ft.get(name)
-            delta = (transforms[name](old).to(old.dtype).float() - base.float()) / new_scale.scale(module)
+            restored, _ = transforms[name](old)
+            delta = (restored.to(old.dtype).float() - base.float()) / new_scale.scale(module)
             if d_in <= d_out:
                 return torch.eye(d_in), delta  # A = I, B = ΔW
             return delta, torch.eye(d_out)  # A = ΔW, B = I

@@ -58,7 +58,9 @@ THETA = "theta"  # patch tensor: (K, head_dim) unit directions, one row per kept
 class SafetyLockParams:
     k_fraction: float = param(24 / 1024, "heads kept, as a fraction of all heads (the paper's K = 24 of 1024)")
     k: int | None = param(None, "heads kept, as a count (overrides k_fraction)")
-    last_tokens: int = param(5, "T: samples are the last T tokens of each response")
+    last_tokens: int = param(5, "T: samples are T tokens of each response (the window's size)")
+    window: str = param("last", "which T response tokens are samples: last (the paper's) or first (where the "
+                        "response commits to refusing or complying)", choices=("last", "first"))
     pairs: int | None = param(100, "calibration pairs used (the first N; none = all)")
     val_fraction: float = param(0.4, "share of pairs held out to score the probes")
     seed: int = param(0, "seed of the train/validation split of the pairs")
@@ -330,7 +332,7 @@ def _arch_config(arch: Arch) -> dict[str, Any]:
 
 
 def head_activations(model, tokenizer, arch: Arch, rows: Sequence[Example], template: str = "auto",
-                     last_tokens: int = 5, max_length: int = 512, batch_size: int = 8
+                     last_tokens: int = 5, max_length: int = 512, batch_size: int = 8, window: str = "last"
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ONE forward pass over every (prompt, safe) and (prompt, unsafe) sequence, reading o_proj's
     input at the last ``last_tokens`` response tokens. Returns (acts (layers·heads, samples,
@@ -340,7 +342,7 @@ def head_activations(model, tokenizer, arch: Arch, rows: Sequence[Example], temp
         items += [(r.prompt, r.safe_response), (r.prompt, r.unsafe_response)]
     encoded = encode(tokenizer, items, template, max_length)
     names = [arch.module_name(layer, "o") for layer in range(arch.num_layers)]
-    stats = collect(model, arch, encoded, capture=names, positions="last_response", last_k=last_tokens,
+    stats = collect(model, arch, encoded, capture=names, positions=f"{window}_response", last_k=last_tokens,
                     batch_size=batch_size, desc="safetylock: head activations")
     counts = [t.shape[0] for t in stats.capture[names[0]]]
     labels = torch.cat([torch.full((n,), float(i % 2 == 0)) for i, n in enumerate(counts)])
@@ -359,7 +361,7 @@ def extract(model, tokenizer, arch: Arch, rows: Sequence[Example], params: Safet
             template: str = "auto", source: dict[str, Any] | None = None) -> Lock:
     """Steps 1–3 on a loaded (aligned) model: activations, probes, top-K heads, θ̂ and σ."""
     acts, labels, pair = head_activations(model, tokenizer, arch, rows, template, params.last_tokens,
-                                          params.max_length, params.batch_size)
+                                          params.max_length, params.batch_size, params.window)
     if not bool(labels.bool().any()) or bool(labels.bool().all()):
         raise RealignError("safetylock: the calibration pairs produced no samples of one class (empty responses?)")
     val_mask = split_pairs(len(rows), params.val_fraction, params.seed)[pair]
