@@ -10,7 +10,8 @@ prepare (the lock, once per aligned model):
      the aligned model once over both responses; read every head's output before the output
      projection (``o_proj``'s input, reshaped to (heads, head_dim)) at the last T tokens of the
      response content — end-of-turn/template tokens are never in the window, because the response
-     is tokenised on its own. Each position is a sample: label 1 safe, 0 unsafe.
+     is tokenised on its own. Each position is a sample: label 1 safe, 0 unsafe. (``window=first``
+     reads the first T response tokens instead: see the README for why.)
   2. one logistic-regression probe per (layer, head), all fitted at once (batched Newton steps,
      L2 as scikit-learn's default C = 1); pairs split 60/40 train/validation with a seed, all
      positions of a pair on one side; score = validation accuracy (ties: lower validation loss).
