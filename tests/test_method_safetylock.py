@@ -286,3 +286,16 @@ def test_positive_alpha_makes_the_worlds_attacked_model_safer(small_world):
     lock = SafetyLock.extract(world / "aligned", world / "calibration.jsonl", k_fraction=0.25)
     attacked, tok = load_model(str(world / "attacked-full"), device="cpu")
     assert _world_hs(world, lock, attacked, tok, 6.0) < _world_hs(world, lock, attacked, tok, 0.0)
+
+
+def test_the_window_selects_the_first_or_last_response_tokens():
+    from realign.stats import Encoded, padded, position_mask
+
+    batch = [Encoded(list(range(10)), 4), Encoded(list(range(5)), 3)]  # responses of 6 and 2 tokens
+    ids, attn = padded(batch)
+    assert ids.shape == (2, 10) and attn.sum(1).tolist() == [10, 5]
+    last = position_mask(batch, 10, "last_response", 3)
+    first = position_mask(batch, 10, "first_response", 3)
+    assert last[0].nonzero().flatten().tolist() == [7, 8, 9] and first[0].nonzero().flatten().tolist() == [4, 5, 6]
+    # a response shorter than T: both windows hold the whole response, never a prompt token
+    assert last[1].nonzero().flatten().tolist() == first[1].nonzero().flatten().tolist() == [3, 4]
