@@ -30,6 +30,7 @@ from realign.compute import load_model as run_model  # noqa: E402
 from realign.methods.base import Inputs  # noqa: E402
 from realign.methods.nlsr import NLSR, NLSRParams  # noqa: E402
 from realign.sources import load_model  # noqa: E402
+from realign.stats import padded  # noqa: E402
 
 
 def word_tokenizer(vocab: int, directory: Path) -> None:
@@ -81,13 +82,7 @@ def forward_seconds(aligned: Path, cal: Path, params: NLSRParams, template: str)
     encoded = NLSR()._encode(inputs, params, tok)  # exactly the examples prepare runs over
     start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(encoded), params.batch_size):
-        batch = encoded[i:i + params.batch_size]
-        length = max(len(e.input_ids) for e in batch)
-        ids = torch.zeros(len(batch), length, dtype=torch.long)
-        attn = torch.zeros(len(batch), length, dtype=torch.long)
-        for j, e in enumerate(batch):
-            ids[j, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            attn[j, : len(e.input_ids)] = 1
+        ids, attn = padded(encoded[i:i + params.batch_size])  # the batches prepare's pass builds
         model(input_ids=ids, attention_mask=attn, use_cache=False)
     return time.perf_counter() - start, time.process_time() - cpu, sum(len(e.input_ids) for e in encoded)
 

@@ -299,3 +299,14 @@ def test_the_window_selects_the_first_or_last_response_tokens():
     assert last[0].nonzero().flatten().tolist() == [7, 8, 9] and first[0].nonzero().flatten().tolist() == [4, 5, 6]
     # a response shorter than T: both windows hold the whole response, never a prompt token
     assert last[1].nonzero().flatten().tolist() == first[1].nonzero().flatten().tolist() == [3, 4]
+
+
+def test_cli_window_option(setup, tmp_path):
+    args = ["prepare", "safetylock", "--aligned", str(setup["aligned"]), "--calibration", str(setup["cal"]),
+            "--set", "k=2"]
+    r = runner.invoke(app, [*args, "--set", "window=first", "--out", str(tmp_path / "first")])
+    assert r.exit_code == 0, r.output
+    first, last = Lock.load(tmp_path / "first"), Lock.load(setup["lock"])
+    assert first.params["window"] == "first" and last.params["window"] == "last"
+    r = runner.invoke(app, [*args, "--set", "window=middle", "--out", str(tmp_path / "bad")])
+    assert r.exit_code != 0 and "window in last, first" in r.output and not (tmp_path / "bad").exists()

@@ -777,7 +777,7 @@ class NLSR(Method):
         transforms: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, int]]] = {}
         for mod, restored in zip(modules, sel.restored, strict=True):
             if restored:
-                transforms[mod["name"]] = self._transplant_fn(tensors, mod["name"], tuple(mod["shape"]))
+                transforms[mod["name"]] = self._transplant_fn(tensors, mod["name"])
         changed = sum(r["entries_changed"] for r, on in zip(rows, sel.restored, strict=True) if on)
         entries = sum(r["entries"] for r in rows)
         notes: list[str] = []
@@ -791,8 +791,7 @@ class NLSR(Method):
         return Edit(transforms=transforms, adapter=adapter, report=report, dense=True)
 
     @staticmethod
-    def _transplant_fn(tensors, name: str, shape: tuple[int, ...]
-                       ) -> Callable[[torch.Tensor], tuple[torch.Tensor, int]]:
+    def _transplant_fn(tensors, name: str) -> Callable[[torch.Tensor], tuple[torch.Tensor, int]]:
         # The mask and values are re-read when the writer reaches this tensor: memory stays one module.
         # The writer hands over a fresh copy of W_f: transplanted in place, with the changes counted.
         def fn(old: torch.Tensor) -> tuple[torch.Tensor, int]:
