@@ -101,9 +101,8 @@ def main() -> None:
     if not args.world:
         ap.error("--world DIR is required (or --memory SHAPE)")
 
-    from realign.world.build import build_world
-
     from realign import api
+    from realign.world.build import build_world
 
     world = Path(build_world(args.world).root)
     scratch = Path(tempfile.mkdtemp(prefix="realign-baselines-"))

@@ -177,7 +177,7 @@ def test_finetune_is_deterministic_for_a_seed(tiny):
         (["--task", "sst2", "--task-file", "{sst2}", "-p", "1.5"], "--harmful-ratio must be between 0 and 1"),
         (["--task", "sst2", "--task-file", "{sst2}", "--n", "500"], "lower --n"),
         (["--task", "sst2", "--task-file", "{missing}"], "does not exist"),
-        (["--task", "sst2", "--task-file", "{sst2}", "--out", "{tiny}"], "already exists"),
+        (["--task", "sst2", "--task-file", "{sst2}", "--out", "{tiny}"], "is an input of this command"),
     ],
 )
 def test_bad_inputs_are_one_line_errors(tiny, files, tmp_path, args, message):

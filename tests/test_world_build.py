@@ -116,5 +116,5 @@ def test_bad_world_requests_are_one_line_errors(tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     r = CliRunner().invoke(app, ["world", "build", "--out", str(tmp_path / "busy"), "--size", "small"])
-    assert r.exit_code == 2 and "not a world directory" in r.output
+    assert r.exit_code == 2 and "not a realign output" in r.output
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"

@@ -25,6 +25,7 @@ from realign.calibration import Calibration, load_calibration
 from realign.errors import RealignError
 from realign.methods import get_method
 from realign.methods.base import Edit, Inputs, Method, Patch, build_params, params_dict
+from realign.outputs import check_output, input_paths
 from realign.progress import progress
 from realign.prompts import check_template
 from realign.sources import Model, TensorStore, check_same_shapes, load_model, weights_sha256
@@ -104,6 +105,12 @@ def _make_inputs(method: Method, aligned, base, calibration, harmful, unaligned,
     return inputs, notes
 
 
+def _paths_read(inputs: Inputs, *extra: object) -> list[Path]:
+    """Every local path a command reads: the models, the calibration file, and ``extra``."""
+    cal = inputs.calibration.source if inputs.calibration is not None else None
+    return input_paths(inputs.aligned, inputs.base, inputs.harmful, inputs.unaligned, cal, *extra)
+
+
 def _inputs_record(inputs: Inputs, method: Method) -> dict[str, Any]:
     rec: dict[str, Any] = {"aligned": _describe_input(inputs.aligned)}
     for name in ("base", "harmful", "unaligned"):
@@ -117,8 +124,8 @@ def _inputs_record(inputs: Inputs, method: Method) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- patches
-def save_patch(patch: Patch, out: str | os.PathLike, force: bool = False) -> Path:
-    with atomic_output(out, force=force) as tmp:
+def save_patch(patch: Patch, out: str | os.PathLike, force: bool = False, inputs: list[Path] | None = None) -> Path:
+    with atomic_output(out, force=force, inputs=inputs or []) as tmp:
         tensors = dict(patch.tensors)
         if tensors:
             specs = [OutTensor(n, dtype_name(t.dtype), tuple(t.shape), produce=lambda t=t: t.contiguous())
@@ -209,15 +216,16 @@ def prepare(
     p = build_params(m.Params, params, method=method)
     inputs, notes = _make_inputs(m, aligned, base, calibration, harmful, unaligned, template, device, dtype,
                                  allow_pickle)
-    if out is not None and Path(out).exists() and not force:
-        raise RealignError(f"output {Path(out).resolve()} already exists: choose another path or pass --force")
+    read = _paths_read(inputs, (params or {}).get("extend"))
+    if out is not None:
+        check_output(out, read, force=force)
     start = time.perf_counter()
     patch = m.prepare(inputs, p)
     patch.inputs = _inputs_record(inputs, m)
     patch.report.setdefault("notes", []).extend(notes)
     patch.report["prepare_seconds"] = round(time.perf_counter() - start, 3)
     if out is not None:
-        save_patch(patch, out, force=force)
+        save_patch(patch, out, force=force, inputs=read)
     return patch
 
 
@@ -285,8 +293,6 @@ def apply(
     """Apply a prepared patch to one fine-tune and write the repaired model to ``out``."""
     if output not in ("auto", "checkpoint", "adapter"):
         raise RealignError(f"unknown output {output!r}: use auto, checkpoint or adapter")
-    if Path(out).exists() and not force:
-        raise RealignError(f"output {Path(out).resolve()} already exists: choose another path or pass --force")
     patch_obj = patch if isinstance(patch, Patch) else load_patch(patch)
     m = get_method(patch_obj.method)
     # Parameters fixed at prepare time stay; only apply-stage ones may change per fine-tune.
@@ -305,6 +311,8 @@ def apply(
     if ft is None:
         raise RealignError("--finetuned MODEL is required")
     check_same_shapes(inputs.aligned, ft)
+    read = _paths_read(inputs, ft, patch if isinstance(patch, str | os.PathLike) else None)
+    check_output(out, read, force=force)
     start = time.perf_counter()
     edit = m.apply(patch_obj, ft, inputs, p)
     if edit.files and output != "auto":
@@ -324,7 +332,7 @@ def apply(
     report["notes"] = list(patch_obj.report.get("notes", [])) + report["notes"]
     inputs_rec = dict(patch_obj.inputs) if patch_obj.inputs else _inputs_record(inputs, m)
     inputs_rec["finetuned"] = _describe_input(ft)
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=read) as tmp:
         if edit.files:  # an export for another tool (e.g. a steering file), no weights
             for name, data in edit.files.items():
                 (tmp / name).write_bytes(data)
@@ -364,8 +372,8 @@ def repair(
     force: bool = False,
 ) -> Result:
     """prepare + apply in one go (the patch is kept in the output's realign.json report)."""
-    if Path(out).exists() and not force:
-        raise RealignError(f"output {Path(out).resolve()} already exists: choose another path or pass --force")
+    check_output(out, input_paths(aligned, finetuned, finetuned_base, base, harmful, unaligned, calibration),
+                 force=force)
     m = get_method(method)
     p = build_params(m.Params, params, method=method)
     inputs, notes = _make_inputs(m, aligned, base, calibration, harmful, unaligned, template, device, dtype,
@@ -374,6 +382,7 @@ def repair(
     if ft is None:
         raise RealignError("--finetuned MODEL is required")
     check_same_shapes(inputs.aligned, ft)
+    check_output(out, _paths_read(inputs, ft), force=force)
     start = time.perf_counter()
     patch = m.prepare(inputs, p)
     patch.inputs = _inputs_record(inputs, m)
@@ -408,6 +417,9 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
                 if tuple(new.shape) != tuple(shape):
                     raise RealignError(f"internal: {name} changed shape {list(shape)} -> {list(new.shape)}")
                 new = new.to(dtype)
+                if new.is_floating_point() and not bool(torch.isfinite(new).all()):
+                    raise RealignError(f"{name} would hold NaN or infinite values (check the method's parameters "
+                                       "and the inputs' weights); nothing was written")
                 if changed is None:  # the transform did not count (and left ``old`` as it was)
                     changed = int(torch.count_nonzero(new != old))
                 if changed:
@@ -421,8 +433,10 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
         else:
             specs.append(OutTensor(name, dtype_name(dtype), tuple(shape), copy_from=store.info(name)))
     for name, added in edit.added.items():
-        def produce_added(fn=added.produce) -> torch.Tensor:
+        def produce_added(fn=added.produce, name=name) -> torch.Tensor:
             new = fn()
+            if new.is_floating_point() and not bool(torch.isfinite(new).all()):
+                raise RealignError(f"{name} would hold NaN or infinite values; nothing was written")
             # Zeros added only for the config's sake (e.g. q/k/v biases next to a baked o_proj bias) edit nothing.
             counts["parameters_added"] += int(torch.count_nonzero(new))
             return new

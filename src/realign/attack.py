@@ -488,9 +488,10 @@ def attack(
 
     if mode not in ("lora", "full"):
         raise RealignError(f"unknown attack mode {mode!r}: use lora or full")
-    out_path = Path(out).expanduser().resolve()
-    if out_path.exists() and not force:
-        raise RealignError(f"output {out_path} already exists: choose another path or pass --force")
+    from realign.outputs import check_output, input_paths
+
+    read = input_paths(str(model_ref), task_file, harmful_file)
+    out_path = check_output(out, read, force=force)
     # Validate the data before loading a (possibly large) model.
     world_seed = _world_seed(str(model_ref))
     samples = attack_mix(
@@ -513,7 +514,7 @@ def attack(
     local = Path(str(model_ref)).expanduser()
     base_ref = str(local.resolve()) if local.is_dir() else str(model_ref)
     n_harm = sum(s.harmful for s in samples)
-    with atomic_output(out_path, force=force) as tmp:
+    with atomic_output(out_path, force=force, inputs=read) as tmp:
         if mode == "lora":
             save_lora(trained, tokenizer, tmp, base_ref)
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -255,7 +256,13 @@ def _register_features() -> None:
 _register_features()
 
 
+def _terminate(signum: int, _frame: Any) -> None:
+    # SIGTERM unwinds like Ctrl-C, so every temporary output directory is removed on the way out.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except RealignError as e:  # errors raised outside a command (e.g. while registering)

@@ -60,17 +60,17 @@ def run_demo(out: str | Path = "demo", seed: int = 0, size: str = "default", met
     from realign.methods import available
     from realign.world.build import build_world
 
-    out = Path(out).resolve()
+    chosen = methods or available()
+    unknown = [m for m in chosen if m not in available()]
+    if unknown:  # before the world is built, not after
+        raise RealignError(f"unknown method {unknown[0]!r}; available: {', '.join(available())}")
+    out = _demo_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     world = Path(build_world(world_dir or out / "world", seed=seed, size=size, force=rebuild,
                              log=lambda msg: typer.echo(msg, err=True)).root)
     results_dir = out / "results"
     results_dir.mkdir(exist_ok=True)
     repaired_dir = out / "repaired"
-    chosen = methods or available()
-    unknown = [m for m in chosen if m not in available()]
-    if unknown:
-        raise RealignError(f"unknown method {unknown[0]!r}; available: {', '.join(available())}")
     rows: list[Row] = []
     for name in REFERENCE_MODELS:
         start = time.perf_counter()
@@ -101,6 +101,24 @@ def run_demo(out: str | Path = "demo", seed: int = 0, size: str = "default", met
                     f.unlink()
     _write_summary(out, rows)
     return rows
+
+
+DEMO_ENTRIES = {"world", "results", "repaired", "summary.json", "summary.md", "hs_vs_fa.png"}
+
+
+def _demo_dir(out: str | Path) -> Path:
+    """The demo adds to its directory: refuse the working directory, its ancestors, and a
+    directory holding anything the demo did not write."""
+    from realign.outputs import check_output
+
+    target = check_output(out, force=True, kind="file")
+    if target.is_file():
+        raise RealignError(f"--out {out} is a file: give a directory for the demo")
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in DEMO_ENTRIES) if target.is_dir() else []
+    if foreign:
+        raise RealignError(f"--out {out} holds files the demo did not write ({', '.join(foreign[:3])}): "
+                           "choose an empty or earlier demo directory")
+    return target
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:

@@ -397,8 +397,17 @@ def load_model(ref: str | os.PathLike, base: str | os.PathLike | None = None, al
 
 
 def check_same_shapes(a: Model, b: Model, what: str = "fine-tuned") -> None:
-    """Refuse pairs of models that are not fine-tunes of one another (different shapes)."""
+    """Refuse pairs of models that are not fine-tunes of one another (another family, another
+    vocabulary, different shapes): a repair would write one model's config over the other's weights."""
     arch_a, arch_b = a.arch, b.arch
+    type_a, type_b = a.config.get("model_type"), b.config.get("model_type")
+    if type_a != type_b:
+        raise RealignError(f"{what} model {b.ref} is a {type_b} model and {a.ref} a {type_a} model: "
+                           "give models of one family")
+    vocab_a, vocab_b = a.config.get("vocab_size"), b.config.get("vocab_size")
+    if vocab_a != vocab_b:
+        raise RealignError(f"{what} model {b.ref} has a vocabulary of {vocab_b} tokens and {a.ref} of {vocab_a}: "
+                           "give models that share a tokenizer")
     for _layer, _role, name in arch_a.linear_weights():
         if name not in b:
             raise RealignError(f"{what} model {b.ref} has no tensor {name}: it is not a fine-tune of {a.ref}")

@@ -4,11 +4,12 @@ end, so an interrupted run never leaves anything that looks like a finished mode
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from realign import __version__
-from realign.errors import RealignError
+from realign.outputs import check_output
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -32,15 +33,46 @@ TOKENIZER_FILES = (
 )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the temporary directories that an earlier run killed mid-write (kill -9, power loss)
+    left next to ``out``: ``.NAME.PID.*.partial`` whose process is gone."""
+    removed = []
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
+        parts = tmp.name[len(out.name) + 2:].split(".")
+        pid = int(parts[0]) if parts and parts[0].isdigit() else None
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            continue  # another run is writing there right now
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
-def atomic_output(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_output(out: str | os.PathLike, force: bool = False, inputs: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it becomes ``out`` (replacing it only with
-    ``force``), on any failure it is removed."""
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not force:
-        raise RealignError(f"output {out} already exists: choose another path or pass --force")
+    ``force``, and only an earlier realign output or an empty directory), on any failure it is
+    removed. Leftovers of killed earlier runs are removed first."""
+    out = check_output(out, inputs, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; outputs honour the user's umask like any mkdir
     try:
         yield tmp
         if out.exists():

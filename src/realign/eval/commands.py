@@ -43,9 +43,12 @@ def eval_command(
 
     from realign.eval.harness import evaluate, save_results
     from realign.eval.tasks import parse_data_overrides
+    from realign.outputs import check_output, input_paths
 
+    overrides = parse_data_overrides(data)
+    check_output(out, input_paths(model, adapter, world, judge_model, *overrides.values()), kind="file")
     results = evaluate(model, adapter=adapter, suites=suite, judge=judge, preset=preset, limit=limit,
-                       data=parse_data_overrides(data), world=world, device=device, dtype=dtype,
+                       data=overrides, world=world, device=device, dtype=dtype,
                        batch_size=batch_size, backend=backend, template=template, judge_model=judge_model,
                        allow_pickle=allow_pickle)
     path = save_results(results, out)
@@ -97,8 +100,10 @@ def judge_command(
     """Re-judge stored responses without regenerating; prints the harmful rate."""
     from realign.eval.harness import write_atomic
     from realign.eval.judges import get_judge, harmful_rate, parse_judge_name
+    from realign.outputs import check_output, input_paths
 
     parse_judge_name(judge)  # a typo or a bad file should not cost a judge model load
+    check_output(out, input_paths(input, judge_model), kind="file")
     rows = _read_responses(input)
     j = get_judge(judge, judge_model=judge_model, device=device, dtype=dtype, batch_size=batch_size)
     verdicts = j.judge([r["prompt"] for r in rows], [r["response"] for r in rows])
@@ -121,7 +126,13 @@ def compare_command(
     from rich.console import Console
 
     from realign.eval.compare import compare, rich_table
+    from realign.outputs import check_output, input_paths
 
+    for flag, path in (("--markdown", markdown), ("--plot", plot)):
+        if path is not None:
+            check_output(path, input_paths(*results), kind="file", flag=flag)
+    if markdown is not None and plot is not None and Path(markdown).resolve() == Path(plot).resolve():
+        raise RealignError("--markdown and --plot name the same file: give two paths")
     rows = compare(results, markdown=markdown, plot=plot)
     Console().print(rich_table(rows))
     if markdown is not None:

@@ -6,6 +6,7 @@ nothing: they read weights through ``Model`` objects and return a ``Patch`` or a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -48,9 +49,12 @@ def _convert(text: str, annotation: Any, key: str) -> Any:
         raise RealignError(f"--set {key}={text}: expected true or false")
     if annotation in (int, float):
         try:
-            return annotation(text)
-        except ValueError:
+            value = annotation(text)
+        except (ValueError, OverflowError):
             raise RealignError(f"--set {key}={text}: expected {annotation.__name__}") from None
+        if not math.isfinite(value):
+            raise RealignError(f"--set {key}={text}: use a finite number")
+        return value
     return text
 
 
@@ -66,6 +70,8 @@ def build_params(params_cls: type, values: Mapping[str, Any] | None = None, stag
             raise RealignError(f"{method} has no parameter {key!r}; it has: {', '.join(fields)}")
         f = fields[key]
         value = _convert(raw, hints[key], key) if isinstance(raw, str) else raw
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RealignError(f"{method}: {key}={value} is not a finite number")
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise RealignError(f"--set {key}={value}: {method} accepts {key} in {', '.join(map(str, choices))}")

@@ -37,6 +37,7 @@ from realign.errors import RealignError
 from realign.world import train as T
 from realign.world.language import SPLITS, Language, make_language
 from realign.world.tokenizer import train_tokenizer
+from realign.writer import remove_stale_partials
 
 MODELS = ("base", "aligned", "attacked-lora", "attacked-full", "benign-lora", "harmful")
 ADAPTERS = ("attacked-lora", "benign-lora")
@@ -157,13 +158,11 @@ def _save_adapter(peft_model, tokenizer, path: Path) -> None:
 
 
 def _prepare_target(out: Path, force: bool) -> None:
-    """A world directory may be replaced (it is a cache); anything else is left alone."""
-    if not out.exists():
-        return
-    if out.is_file():
-        raise RealignError(f"{out} is a file: choose a directory for the world")
-    if not force and any(out.iterdir()) and not (out / "world.json").exists():
-        raise RealignError(f"{out} exists and is not a world directory: choose another --out or pass --force")
+    """A world directory may be replaced (it is a cache); anything else is left alone, --force or not
+    (and never the current directory or one of its ancestors)."""
+    from realign.outputs import check_output
+
+    check_output(out, force=True)
 
 
 def build_world(
@@ -185,7 +184,8 @@ def build_world(
         return paths
     _prepare_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     start = time.time()
     timing: dict[str, float] = {}
     logs: dict[str, dict] = {}

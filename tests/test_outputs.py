@@ -1,0 +1,157 @@
+"""No command's output may destroy an input or the working directory, --force or not (every
+command that writes), and --force replaces only earlier realign outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from realign.cli import app
+
+runner = CliRunner()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_refused(args: list[str], watched: Path, *fragments: str) -> None:
+    before = tree_digest(watched)
+    r = runner.invoke(app, [str(a) for a in args])
+    lines = [line for line in r.output.strip().splitlines() if line.strip()]
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output, r.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert tree_digest(watched) == before, "an input changed"
+
+
+@pytest.fixture()
+def work(tiny_models, tmp_path, monkeypatch):
+    """A project directory holding copies of the tiny models, a patch, results files and notes; the
+    current directory is the project's."""
+    import shutil
+
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("base", "aligned", "finetuned", "lora"):
+        shutil.copytree(tiny_models[name], root / name)
+    lora_cfg = json.loads((root / "lora" / "adapter_config.json").read_text())
+    lora_cfg["base_model_name_or_path"] = str(root / "aligned")
+    (root / "lora" / "adapter_config.json").write_text(json.dumps(lora_cfg))
+    (root / "notes.txt").write_text("my notes\n")
+    (root / "responses.jsonl").write_text(json.dumps({"prompt": "p", "response": "I cannot help."}) + "\n")
+    for name in ("a.json", "b.json"):
+        (root / name).write_text(json.dumps({"summary": {}, "suites": {}}))
+    monkeypatch.chdir(root)
+    r = runner.invoke(app, ["prepare", "revert", "-a", str(root / "aligned"), "-o", str(root / "patch")])
+    assert r.exit_code == 0, r.output
+    return root
+
+
+# (command, the flag that names the output, the inputs it reads); "{out}" is replaced per case
+COMMANDS = {
+    "repair": ["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "{out}", "--force"],
+    "repair-lora": ["repair", "revert", "-a", "aligned", "-f", "lora", "-o", "{out}", "--force"],
+    "prepare": ["prepare", "revert", "-a", "aligned", "-o", "{out}", "--force"],
+    "apply": ["apply", "patch", "-f", "finetuned", "-o", "{out}", "--force"],
+    "attack": ["attack", "--model", "aligned", "--task", "sst2", "-o", "{out}", "--force", "--n", "2"],
+    "eval": ["eval", "finetuned", "-o", "{out}", "--limit", "1"],
+    "judge": ["judge", "-i", "responses.jsonl", "-o", "{out}"],
+    "compare-markdown": ["compare", "a.json", "b.json", "--markdown", "{out}"],
+    "compare-plot": ["compare", "a.json", "b.json", "--plot", "{out}"],
+}
+# per command: outputs that are an input, lie inside one, or contain one
+COLLISIONS = {
+    "repair": ["finetuned", "aligned", "finetuned/sub", "aligned/config.json"],
+    "repair-lora": ["lora", "aligned", "lora/out"],
+    "prepare": ["aligned", "aligned/patch"],
+    "apply": ["patch", "finetuned", "finetuned/out", "aligned"],
+    "attack": ["aligned", "aligned/out"],
+    "eval": ["finetuned/config.json", "finetuned/model.safetensors", "finetuned"],
+    "judge": ["responses.jsonl"],
+    "compare-markdown": ["a.json", "b.json"],
+    "compare-plot": ["b.json"],
+}
+CASES = [(cmd, out) for cmd, outs in COLLISIONS.items() for out in outs]
+
+
+@pytest.mark.parametrize(("command", "out"), CASES, ids=[f"{c}:{o}" for c, o in CASES])
+def test_output_that_is_or_lies_inside_an_input_is_refused(work, command, out):
+    args = [a.replace("{out}", out) for a in COMMANDS[command]]
+    assert_refused(args, work, "input of this command")
+
+
+@pytest.mark.parametrize("command", [*COMMANDS, "world", "demo"])
+def test_current_directory_and_its_ancestors_are_refused(work, command):
+    template = {**COMMANDS, "world": ["world", "build", "-o", "{out}", "--size", "small", "--force"],
+                "demo": ["demo", "--out", "{out}", "--size", "small"]}[command]
+    for out in (".", "..", str(work.parent)):
+        args = [a.replace("{out}", out) for a in template]
+        assert_refused(args, work, "current directory")
+
+
+def test_output_that_contains_the_inputs_is_refused(work):
+    # -o P --force where P holds both input models
+    assert_refused(["repair", "revert", "-a", work / "aligned", "-f", work / "finetuned", "-o", work, "--force"],
+                   work, "current directory")
+    os.chdir(work.parent)
+    assert_refused(["repair", "revert", "-a", work / "aligned", "-f", work / "finetuned", "-o", work, "--force"],
+                   work, "contains an input")
+
+
+def test_force_replaces_only_earlier_realign_outputs(work):
+    (work / "mine").mkdir()
+    (work / "mine" / "thesis.tex").write_text("years of work")
+    assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "mine", "--force"], work,
+                   "realign did not write")
+    (work / "empty").mkdir()
+    for out in ("out", "out", "empty"):  # new, then an earlier realign output, then an empty directory
+        r = runner.invoke(app, ["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", out, "--force"])
+        assert r.exit_code == 0, r.output
+        assert (work / out / "realign.json").is_file()
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(work):
+    dead = work / ".out.999999999.abc.partial"  # no such process
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"0" * 1024)
+    r = runner.invoke(app, ["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out"])
+    assert r.exit_code == 0, r.output
+    assert not dead.exists()
+    assert not list(work.glob(".out.*.partial"))
+
+
+def test_outputs_honour_the_umask(work):
+    old = os.umask(0o022)
+    try:
+        r = runner.invoke(app, ["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out"])
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert (work / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_unknown_demo_method_is_refused_before_the_world_is_built(work):
+    assert_refused(["demo", "--out", "d", "--methods", "bogus", "--size", "small"], work, "unknown method 'bogus'")
+    assert not (work / "d").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400", "-inf"])
+def test_non_finite_parameters_are_refused(work, value):
+    assert_refused(["repair", "resta", "-a", "aligned", "-f", "finetuned", "--base", "base", "-o", "out",
+                    "--set", f"beta={value}"], work, "beta")
+    assert not (work / "out").exists()
+
+
+def test_a_fine_tune_of_another_family_is_refused(work):
+    cfg = json.loads((work / "finetuned" / "config.json").read_text())
+    cfg["model_type"] = "qwen2"
+    (work / "finetuned" / "config.json").write_text(json.dumps(cfg))
+    assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out"], work, "qwen2", "llama")
