@@ -354,6 +354,6 @@ def test_cli_prepare_extend_apply_and_plot(world):
                             "--out", str(root / "cli_p3")])
     assert r.exit_code == 2 and "no harmful category that the patch lacks" in r.output
     r = runner.invoke(app, ["apply", str(p2), "--finetuned", str(world["lora"]), "--out", str(root / "cli_o2"),
-                            "--set", "q=0.5"])
+                            "--set", "p=0.5"])
     assert r.exit_code == 2 and "fixed when the patch is prepared" in r.output
     assert not (root / "cli_p3").exists() and not (root / "cli_o2").exists()

@@ -223,7 +223,9 @@ def test_chunked_similarity_and_transplant_equal_the_direct_computation(monkeypa
 def _encoded(world, tokenizer):
     from realign.calibration import load_calibration
 
-    rows = load_calibration(world["cal"]).with_safe_response()
+    from realign.tuning import split_heldout
+
+    rows = split_heldout(load_calibration(world["cal"]))[0].with_safe_response()  # the rows prepare sees
     return encode(tokenizer, [(r.prompt, r.safe_response) for r in rows], "raw")
 
 

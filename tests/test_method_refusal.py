@@ -23,7 +23,7 @@ runner = CliRunner()
 
 def calibration():
     rows = []
-    for i in range(8):
+    for i in range(12):  # 12 of each kind: 2 are held out for the tuning loop
         rows.append({"prompt": f"w10 w11 w{20 + i} w{40 + 2 * i}", "kind": "harmful", "safe_response": "w1 w2",
                      "unsafe_response": "w3 w4 w5"})
         rows.append({"prompt": f"w60 w{70 + i} w{61 + i % 3}", "kind": "benign", "response": "w6 w7"})
@@ -56,43 +56,34 @@ def added(model, module: str, vec: torch.Tensor):
 
 
 @torch.no_grad()
-def test_direction_search_and_bake_match_direct(tiny_models, tmp_path):
+def test_direction_tuned_layer_and_bake_match_direct(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from realign.tuning import split_heldout
+
     cal = calibration()
-    patch = api.prepare("refusal", tiny_models["aligned"], tmp_path / "patch", calibration=cal, device="cpu",
-                        params={"validation": 3})
+    patch = api.prepare("refusal", tiny_models["aligned"], tmp_path / "patch", calibration=cal, device="cpu")
     meta = patch.meta
-    assert len(meta["validation_harmful"]) == 3 and len(meta["validation_benign"]) == 3
     tok = load_tokenizer(load_model(tiny_models["aligned"]))
     assert meta["refusal_tokens"] == tok("w1", add_special_tokens=False)["input_ids"]  # the refusal opening only
-    # r_l = mean over held-in harmful − mean over held-in benign, at the last prompt token
+    # r_l = mean over the harmful − mean over the benign prompts prepare sees (the held-out rows are the tuning's)
+    seen, heldout = split_heldout(cal)
+    assert heldout is not None and not {e.prompt for e in heldout.examples} & {e.prompt for e in seen.examples}
     aligned = AutoModelForCausalLM.from_pretrained(tiny_models["aligned"]).eval()
-    harm = [e.prompt for e in cal.harmful() if e.prompt not in meta["validation_harmful"]]
-    ben = [e.prompt for e in cal.benign() if e.prompt not in meta["validation_benign"]]
-    hh = [torch.stack(last_hidden(aligned, tok, p)) for p in harm]
-    hb = [torch.stack(last_hidden(aligned, tok, p)) for p in ben]
+    hh = [torch.stack(last_hidden(aligned, tok, e.prompt)) for e in seen.harmful()]
+    hb = [torch.stack(last_hidden(aligned, tok, e.prompt)) for e in seen.benign()]
     direct = torch.stack(hh).mean(0) - torch.stack(hb).mean(0)
     assert torch.allclose(patch.tensors["directions"].double(), direct, atol=1e-5)
 
-    # the search: every layer a candidate (skip_last=0), scored by hand with plain hooks
+    # no layer given: the tuning loop chooses it among every layer (skip_last=0), c fixed as given
     ft = AutoModelForCausalLM.from_pretrained(tiny_models["finetuned"]).eval()
     coeff = 4.0
     result = api.apply(tmp_path / "patch", tiny_models["finetuned"], tmp_path / "out",
                        params={"skip_last": 0.0, "coeff": coeff}, device="cpu")
-    search = result.report["search"]
-    assert search["candidates"] == [0, 1]
-    scores = {}
-    for layer in (0, 1):
-        h = added(ft, f"model.layers.{layer}.self_attn.o_proj", coeff * direct[layer].float())
-        ph = p_refuse(ft, tok, meta["validation_harmful"], meta["refusal_tokens"])
-        pb = p_refuse(ft, tok, meta["validation_benign"], meta["refusal_tokens"])
-        h.remove()
-        scores[layer] = float(ph.mean() - pb.mean())
-        assert search["per_layer"][str(layer)]["score"] == pytest.approx(scores[layer], abs=1e-5)
-    best = max(scores, key=scores.get)
-    assert result.report["layer"] == best and result.report["layer_chosen_by"] == "validation search"
-    assert result.report["coeff"] == coeff and result.report["coeff_chosen_by"] == "given"
+    tuning = result.report["tuning"]
+    assert [row["setting"] for row in tuning["candidates"]] == [{"layer": 0}, {"layer": 1}]
+    best = result.report["layer"]
+    assert tuning["chosen"] == {"layer": best} and result.report["coeff"] == coeff
 
     # the baked checkpoint reloads with stock transformers and equals the hooked fine-tune
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -109,53 +100,16 @@ def test_direction_search_and_bake_match_direct(tiny_models, tmp_path):
     assert result.report["totals"]["parameters_added"] == 32 and result.report["totals"]["tensors_added"] > 1
 
 
-@torch.no_grad()
-def test_default_coefficient_is_the_largest_the_benign_answers_tolerate(tiny_models, tmp_path):
-    """c = 1 moves harmless prompts onto the harmful mean; the default c is the largest grid value
-    whose addition raises the held-out benign answers' loss by at most utility_tolerance."""
-    from transformers import AutoModelForCausalLM
+def test_apply_without_the_tuning_loop_needs_layer_and_coeff(tiny_models):
+    from realign.methods import get_method
+    from realign.methods.base import build_params
 
-    from realign.methods.refusal import COEFF_GRID
-
-    cal = calibration()
-    patch = api.prepare("refusal", tiny_models["aligned"], calibration=cal, device="cpu", params={"validation": 3})
-    # the random tiny model's direction is small and harmless to its answers; the world's is as large
-    # as the residual stream and breaks them at c = 1. Stand in for that with a large direction that
-    # does hurt the benign answers here (the search does not look at where a direction came from)
-    patch.tensors["directions"] = patch.tensors["directions"] * -200
-    answers = patch.meta["validation_benign_answers"]
-    assert [a[0] for a in answers] == patch.meta["validation_benign"] and all(a[1] == "w6 w7" for a in answers)
-    ft = AutoModelForCausalLM.from_pretrained(tiny_models["finetuned"]).eval()
-    tok = load_tokenizer(load_model(tiny_models["aligned"]))
-    direction = patch.tensors["directions"][1].float()
-
-    def loss(coeff: float) -> float:  # mean token loss of the benign answers, computed directly
-        h = added(ft, "model.layers.1.self_attn.o_proj", coeff * direction)
-        total, n = 0.0, 0
-        for prompt, answer in answers:
-            p = tok(format_prompt(tok, prompt, "auto"))["input_ids"]
-            a = tok(answer, add_special_tokens=False)["input_ids"]
-            logp = ft(input_ids=torch.tensor([p + a])).logits[0].double().log_softmax(-1)
-            total -= float(sum(logp[len(p) - 1 + i, t] for i, t in enumerate(a)))
-            n += len(a)
-        h.remove()
-        return total / n
-
-    base = loss(0.0)
-    tol = (loss(1.0) - base) / 4  # a tolerance that c = 1 breaks, so the search has to step down
-    assert tol > 0
-    result = api.apply(patch, tiny_models["finetuned"], tmp_path / "out",
-                       params={"layer": 1, "utility_tolerance": tol}, device="cpu")
-    c = result.report["coeff"]
-    assert result.report["coeff_chosen_by"].startswith("validation search") and c < 1.0
-    tried = result.report["search"]["per_layer"]["1"]["benign_loss_rise"]
-    assert c in COEFF_GRID or c == 0.0
-    for g in COEFF_GRID:
-        if g > c:  # every larger c was tried and rejected
-            assert loss(g) - base > tol and tried[f"{g:.4g}"] == pytest.approx(loss(g) - base, abs=1e-4)
-    if c:
-        assert loss(c) - base <= tol + 1e-6
-    assert result.report["vector_norm"] == pytest.approx(c * float(direction.norm()), rel=1e-5)
+    m = get_method("refusal")
+    p = build_params(m.Params, {"layer": 1})
+    assert m.must_tune(p) == ["coeff"]
+    with pytest.raises(Exception, match="chosen by the tuning loop"):
+        m.apply(api.prepare("refusal", tiny_models["aligned"], calibration=calibration(), device="cpu"),
+                load_model(tiny_models["finetuned"]), None, p)
 
 
 def test_given_layer_through_cli_and_refusals(tiny_models, tmp_path):
@@ -169,7 +123,7 @@ def test_given_layer_through_cli_and_refusals(tiny_models, tmp_path):
                                              "coeff=2", "--device", "cpu", "-o", out)])
     assert r.exit_code == 0, r.output
     prov = json.loads((out / "realign.json").read_text())
-    assert prov["report"]["layer"] == 1 and prov["report"]["layer_chosen_by"] == "given"
+    assert prov["report"]["layer"] == 1 and "tuning" not in prov["report"]
     patch = api.prepare("refusal", tiny_models["aligned"], calibration=cal, device="cpu")
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         bias1 = f.get_tensor("model.layers.1.self_attn.o_proj.bias")

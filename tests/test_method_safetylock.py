@@ -119,8 +119,12 @@ def test_lock_file_holds_heads_directions_sigma_and_source(setup):
     lock = Lock.load(setup["lock"])
     assert lock.theta.shape == (3, 8) and torch.allclose(lock.theta.norm(dim=1), torch.ones(3), atol=1e-5)
     assert all(s > 0 for s in lock.sigma.tolist())
-    assert meta["report"]["samples"] == 2 * 24 * 5 - sum(  # T = 5 tokens per response, fewer when shorter
-        max(0, 5 - len(r[k].split())) for r in pair_rows() if "chosen" in r for k in ("chosen", "rejected"))
+    from realign.calibration import from_rows
+    from realign.tuning import split_heldout
+
+    seen = split_heldout(from_rows(pair_rows()))[0].pairs()  # the pairs prepare sees (the rest is held out)
+    assert meta["report"]["samples"] == 2 * len(seen) * 5 - sum(  # T = 5 tokens per response, fewer when shorter
+        max(0, 5 - len(getattr(e, k).split())) for e in seen for k in ("safe_response", "unsafe_response"))
 
 
 def test_baked_checkpoint_equals_hooks_and_a_flagless_save_loses_the_lock(setup, tmp_path):

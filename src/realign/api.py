@@ -15,13 +15,14 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from realign.calibration import Calibration, load_calibration
+from realign.calibration import Calibration, from_rows, load_calibration
 from realign.errors import RealignError
 from realign.methods import get_method
 from realign.methods.base import Edit, Inputs, Method, Patch, build_params, params_dict
@@ -30,6 +31,7 @@ from realign.progress import progress
 from realign.prompts import check_template
 from realign.sources import Model, TensorStore, check_same_shapes, load_model, weights_sha256
 from realign.tensorio import OutTensor, dtype_name, parse_size, write_sharded
+from realign.tuning import HELDOUT_FILE, TuneOptions, edited_tensor, heldout_bytes, split_heldout, tune
 from realign.writer import (
     TOKENIZER_FILES,
     atomic_output,
@@ -77,15 +79,18 @@ def _describe_input(model: Model | None, hashes: bool = True) -> dict[str, Any] 
 
 
 def _make_inputs(method: Method, aligned, base, calibration, harmful, unaligned, template, device, dtype,
-                 allow_pickle) -> tuple[Inputs, list[str]]:
+                 allow_pickle, tuning: bool = False) -> tuple[Inputs, list[str]]:
     check_template(template)
     aligned_m = _open(aligned, allow_pickle)
     if aligned_m is None:
         raise RealignError("--aligned MODEL is required")
+    cal = load_calibration(calibration) if isinstance(calibration, str | os.PathLike) else calibration
+    cal, heldout = split_heldout(cal)  # held-out rows are for tuning only: no method prepares from them
     inputs = Inputs(
         aligned=aligned_m,
         base=_open(base, allow_pickle),
-        calibration=load_calibration(calibration) if isinstance(calibration, str | os.PathLike) else calibration,
+        calibration=cal,
+        heldout=heldout,
         harmful=_open(harmful, allow_pickle),
         unaligned=_open(unaligned, allow_pickle),
         template=template,
@@ -97,7 +102,7 @@ def _make_inputs(method: Method, aligned, base, calibration, harmful, unaligned,
         given = getattr(inputs, name) is not None
         if name in method.needs and not given:
             inputs.require(name, method.name)
-        if given and name not in method.needs and name not in method.uses:
+        if given and name not in method.needs and name not in method.uses and not (name == "calibration" and tuning):
             notes.append(f"--{name} was given but {method.name} does not use it; ignored")
     for other in (inputs.base, inputs.harmful, inputs.unaligned):
         if other is not None:
@@ -119,6 +124,7 @@ def _inputs_record(inputs: Inputs, method: Method) -> dict[str, Any]:
             rec[name] = _describe_input(model)
     if inputs.calibration is not None and ("calibration" in method.needs or "calibration" in method.uses):
         rec["calibration"] = inputs.calibration.describe()
+        rec["calibration"]["held_out_for_tuning"] = len(inputs.heldout) if inputs.heldout is not None else 0
     rec["template"] = inputs.template
     return rec
 
@@ -185,8 +191,9 @@ def load_patch(path: str | os.PathLike) -> Patch:
         raise RealignError(f"{path / PATCH_FILE} is not valid JSON ({e})") from None
     has_tensors = any(path.glob(f"{PATCH_TENSORS}*.safetensors"))
     store = TensorStore(path, prefix=PATCH_TENSORS) if has_tensors else None
+    files = {HELDOUT_FILE: (path / HELDOUT_FILE).read_bytes()} if (path / HELDOUT_FILE).is_file() else {}
     return Patch(data["method"], data.get("params", {}), data.get("meta", {}), _LazyTensors(store),
-                 data.get("report", {}), data.get("inputs", {}))
+                 data.get("report", {}), data.get("inputs", {}), files)
 
 
 # ----------------------------------------------------------------------------- the three verbs
@@ -220,12 +227,19 @@ def prepare(
     if out is not None:
         check_output(out, read, force=force)
     start = time.perf_counter()
+    patch = _prepared(m, inputs, p, notes, start)
+    if out is not None:
+        save_patch(patch, out, force=force, inputs=read)
+    return patch
+
+
+def _prepared(m: Method, inputs: Inputs, p: Any, notes: list[str], start: float) -> Patch:
     patch = m.prepare(inputs, p)
     patch.inputs = _inputs_record(inputs, m)
     patch.report.setdefault("notes", []).extend(notes)
     patch.report["prepare_seconds"] = round(time.perf_counter() - start, 3)
-    if out is not None:
-        save_patch(patch, out, force=force, inputs=read)
+    if inputs.heldout is not None:  # apply --tune scores candidates on exactly the rows prepare never saw
+        patch.files[HELDOUT_FILE] = heldout_bytes(inputs.heldout)
     return patch
 
 
@@ -288,9 +302,15 @@ def apply(
     max_shard_size: str = "5GB",
     allow_pickle: bool = False,
     force: bool = False,
+    tune: bool | TuneOptions = False,
+    log: Callable[[str], None] | None = None,
     _inputs: Inputs | None = None,
 ) -> Result:
-    """Apply a prepared patch to one fine-tune and write the repaired model to ``out``."""
+    """Apply a prepared patch to one fine-tune and write the repaired model to ``out``.
+
+    ``tune=True`` (or a ``TuneOptions``) first chooses the method's apply-stage setting for this
+    fine-tune from forward passes over held-out rows (``realign.tuning``); parameters given in
+    ``params`` stay as given. The chosen setting is recorded like any parameter."""
     if output not in ("auto", "checkpoint", "adapter"):
         raise RealignError(f"unknown output {output!r}: use auto, checkpoint or adapter")
     patch_obj = patch if isinstance(patch, Patch) else load_patch(patch)
@@ -311,9 +331,17 @@ def apply(
     if ft is None:
         raise RealignError("--finetuned MODEL is required")
     check_same_shapes(inputs.aligned, ft)
-    read = _paths_read(inputs, ft, patch if isinstance(patch, str | os.PathLike) else None)
+    options = tune if isinstance(tune, TuneOptions) else TuneOptions() if tune else None
+    if options is not None:
+        options.check()
+    read = _paths_read(inputs, ft, patch if isinstance(patch, str | os.PathLike) else None,
+                       options.task_data if options else None)
     check_output(out, read, force=force)
     start = time.perf_counter()
+    tuning = _tune(m, patch_obj, ft, inputs, p, merged, set(params or {}), options, log)
+    if tuning is not None:
+        merged.update(tuning.params)
+        p = build_params(m.Params, merged, method=m.name)
     edit = m.apply(patch_obj, ft, inputs, p)
     if edit.files and output != "auto":
         raise RealignError(f"{m.name} in this mode writes files for another tool, not model weights: drop --output")
@@ -328,6 +356,8 @@ def apply(
         raise RealignError(f"{m.name} in this mode produces an adapter only: use --output adapter")
     report = dict(patch_obj.report.get("apply_defaults", {}))
     report.update(edit.report)
+    if tuning is not None:
+        report["tuning"] = tuning.report
     report.setdefault("notes", [])
     report["notes"] = list(patch_obj.report.get("notes", [])) + report["notes"]
     inputs_rec = dict(patch_obj.inputs) if patch_obj.inputs else _inputs_record(inputs, m)
@@ -370,28 +400,55 @@ def repair(
     max_shard_size: str = "5GB",
     allow_pickle: bool = False,
     force: bool = False,
+    tune: bool | TuneOptions = False,
+    log: Callable[[str], None] | None = None,
 ) -> Result:
-    """prepare + apply in one go (the patch is kept in the output's realign.json report)."""
+    """prepare + apply in one go (the patch is kept in the output's realign.json report);
+    ``tune`` as in ``apply``."""
     check_output(out, input_paths(aligned, finetuned, finetuned_base, base, harmful, unaligned, calibration),
                  force=force)
     m = get_method(method)
     p = build_params(m.Params, params, method=method)
     inputs, notes = _make_inputs(m, aligned, base, calibration, harmful, unaligned, template, device, dtype,
-                                 allow_pickle)
+                                 allow_pickle, tuning=bool(tune) or bool(m.must_tune(p)))
     ft = _open(finetuned, allow_pickle, base=finetuned_base)
     if ft is None:
         raise RealignError("--finetuned MODEL is required")
     check_same_shapes(inputs.aligned, ft)
     check_output(out, _paths_read(inputs, ft), force=force)
     start = time.perf_counter()
-    patch = m.prepare(inputs, p)
-    patch.inputs = _inputs_record(inputs, m)
-    patch.report.setdefault("notes", []).extend(notes)
-    patch.report["prepare_seconds"] = round(time.perf_counter() - start, 3)
-    result = apply(patch, ft, out, params=params_dict(p), output=output, max_shard_size=max_shard_size,
-                   force=force, _inputs=inputs)
+    patch = _prepared(m, inputs, p, notes, start)
+    result = apply(patch, ft, out, params=params, output=output, max_shard_size=max_shard_size,
+                   force=force, tune=tune, log=log, _inputs=inputs)
     result.report["prepare"] = {k: v for k, v in patch.report.items() if k != "notes"}
     return result
+
+
+def _tune(m: Method, patch: Patch, ft: Model, inputs: Inputs, p: Any, merged: dict[str, Any], given: set[str],
+          options: TuneOptions | None, log: Callable[[str], None] | None):
+    """Run the tuning loop when asked, or when the method left parameters for it to choose."""
+    must = m.must_tune(p)
+    if options is None and not must:
+        return None
+    space = m.tune_space(patch, ft, p)
+    # what the user fixed stays fixed; without --tune only the parameters left open are searched
+    space = {k: v for k, v in space.items() if k not in given and (options is not None or k in must)}
+    if not space:
+        return None
+    if options is None:
+        options = TuneOptions(fallback="default")
+    heldout = inputs.heldout
+    if HELDOUT_FILE in patch.files:
+        heldout = from_rows((json.loads(line) for line in patch.files[HELDOUT_FILE].decode().splitlines()
+                             if line.strip()), source="patch held-out rows")
+    if heldout is None:
+        raise RealignError(f"tuning {m.name} needs held-out calibration rows: give --calibration FILE with enough rows "
+                           "(harmful rows with safe_response, benign rows with response)")
+
+    def build(setting: dict[str, Any]) -> Any:
+        return build_params(m.Params, {**merged, **setting}, method=m.name)
+
+    return tune(m, patch, ft, inputs, p, space, heldout, options, build, log)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -410,18 +467,9 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
     for name in ft.tensor_names:
         dtype, shape = ft.dtype(name), ft.shape(name)
         if name in edit.transforms:
-            def produce(name=name, fn=edit.transforms[name], dtype=dtype, shape=shape) -> torch.Tensor:
-                old = ft.get(name)
-                result = fn(old)
-                new, changed = result if isinstance(result, tuple) else (result, None)
-                if tuple(new.shape) != tuple(shape):
-                    raise RealignError(f"internal: {name} changed shape {list(shape)} -> {list(new.shape)}")
-                new = new.to(dtype)
-                if new.is_floating_point() and not bool(torch.isfinite(new).all()):
-                    raise RealignError(f"{name} would hold NaN or infinite values (check the method's parameters "
-                                       "and the inputs' weights); nothing was written")
-                if changed is None:  # the transform did not count (and left ``old`` as it was)
-                    changed = int(torch.count_nonzero(new != old))
+            def produce(name=name, fn=edit.transforms[name]) -> torch.Tensor:
+                # the same function tuning applies in memory: what was scored is what is written
+                new, changed = edited_tensor(ft, name, fn)
                 if changed:
                     counts["tensors_changed"] += 1
                     counts["parameters_changed"] += changed

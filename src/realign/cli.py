@@ -71,6 +71,35 @@ Pickle = Annotated[bool, typer.Option("--allow-pickle", help="Read pickle (.bin/
 Output = Annotated[str, typer.Option("--output", help="auto|checkpoint|adapter.")]
 ShardSize = Annotated[str, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB.")]
 FtBase = Annotated[str | None, typer.Option("--finetuned-base", help="Base of a LoRA fine-tune, if not in its config.")]
+Tune = Annotated[bool, typer.Option("--tune", help="Choose the method's setting for this fine-tune from forward passes "
+                                    "over held-out rows (no generation); see the README's tuning section.")]
+TaskData = Annotated[Path | None, typer.Option("--task-data", help="--tune: JSONL of the fine-tune's own "
+                                               "prompt/response rows, for the utility score.")]
+TuneBudget = Annotated[int, typer.Option("--tune-budget", help="--tune: most candidate settings tried.")]
+TuneTolerance = Annotated[float, typer.Option("--tune-tolerance", help="--tune: most relative drop of the utility "
+                                              "score accepted.")]
+TuneFallback = Annotated[str, typer.Option("--tune-fallback", help="--tune: none (write nothing when no candidate "
+                                           "repairs) or default (write the default setting).")]
+
+
+def _tune_options(tune: bool, task_data: Path | None, budget: int, tolerance: float, fallback: str):
+    from realign.tuning import TuneOptions
+
+    if not tune:
+        defaults = TuneOptions()
+        given = [flag for flag, value, default in (("--task-data", task_data, None), ("--tune-budget", budget,
+                 defaults.budget), ("--tune-tolerance", tolerance, defaults.tolerance), ("--tune-fallback", fallback,
+                 defaults.fallback)) if value != default]
+        if given:
+            raise RealignError(f"{given[0]} only applies with --tune: add --tune")
+        return False
+    options = TuneOptions(budget=budget, tolerance=tolerance, task_data=task_data, fallback=fallback)
+    options.check()
+    return options
+
+
+def _say(message: str) -> None:
+    err_console.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 def _parse_sets(sets: list[str] | None, **shortcuts: Any) -> dict[str, str]:
@@ -165,14 +194,21 @@ def repair(
     max_shard_size: ShardSize = "5GB",
     allow_pickle: Pickle = False,
     force: Force = False,
+    tune: Tune = False,
+    task_data: TaskData = None,
+    tune_budget: TuneBudget = 24,
+    tune_tolerance: TuneTolerance = 0.1,
+    tune_fallback: TuneFallback = "none",
 ) -> None:
     """Repair a fine-tune in one go (prepare + apply)."""
     from realign import api
 
+    options = _tune_options(tune, task_data, tune_budget, tune_tolerance, tune_fallback)
     result = api.repair(method, aligned, finetuned, out, base=base, calibration=calibration, harmful=harmful,
                         unaligned=unaligned, params=_parse_sets(sets, alpha=alpha, mode=mode), output=output,
                         finetuned_base=finetuned_base, template=template, device=device, dtype=dtype,
-                        max_shard_size=max_shard_size, allow_pickle=allow_pickle, force=force)
+                        max_shard_size=max_shard_size, allow_pickle=allow_pickle, force=force, tune=options,
+                        log=_say)
     _show_result(result)
 
 
@@ -227,14 +263,20 @@ def apply(
     max_shard_size: ShardSize = "5GB",
     allow_pickle: Pickle = False,
     force: Force = False,
+    tune: Tune = False,
+    task_data: TaskData = None,
+    tune_budget: TuneBudget = 24,
+    tune_tolerance: TuneTolerance = 0.1,
+    tune_fallback: TuneFallback = "none",
 ) -> None:
     """Apply a prepared patch to a fine-tune (checkpoint or LoRA adapter)."""
     from realign import api
 
+    options = _tune_options(tune, task_data, tune_budget, tune_tolerance, tune_fallback)
     result = api.apply(patch, finetuned, out, params=_parse_sets(sets, alpha=alpha, mode=mode), output=output,
                        finetuned_base=finetuned_base, aligned=aligned, base=base, calibration=calibration,
                        device=device, dtype=dtype, max_shard_size=max_shard_size, allow_pickle=allow_pickle,
-                       force=force)
+                       force=force, tune=options, log=_say)
     _show_result(result)
 
 

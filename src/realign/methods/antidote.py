@@ -18,6 +18,7 @@ removes the weights every input uses most and breaks the model whatever it was f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,8 @@ from realign.stats import collect, encode
 
 @dataclass
 class AntidoteParams:
+    # --tune: the share of each row pruned
+    TUNE: ClassVar[dict[str, tuple]] = {"fraction": (0.1, 0.02, 0.05, 0.15, 0.2, 0.3)}
     fraction: float = param(0.1, "fraction x of each row's entries set to zero (highest Wanda scores)", stage="apply")
     samples: int = param(2000, "most harmful calibration rows (prompt + unsafe response) used", stage="apply")
     max_length: int = param(256, "token limit per calibration example", stage="apply")
@@ -69,13 +72,18 @@ class Antidote(Method):
                            [e for e in cal.harmful() if e.unsafe_response], self.name)[: params.samples]
         arch = finetuned.arch
         modules = {name.removesuffix(".weight"): name for _l, _r, name in arch.linear_weights()}
-        model, tokenizer = inputs.run_model(finetuned)
-        encoded = encode(tokenizer, [(e.prompt, e.unsafe_response) for e in rows], inputs.template,
-                         params.max_length)
-        stats = collect(model, arch, encoded, sqnorm=list(modules), positions="all", batch_size=params.batch_size,
-                        desc="antidote calibration pass")
-        inputs.release()  # the weights are edited from the files; the running copy is no longer needed
-        norms = {name: stats.column_norms(module).cpu() for module, name in modules.items()}
+        # The statistics depend on the fine-tune and the rows, not on the fraction: tuning's candidates share them.
+        key = (self.name, str(finetuned.path), len(rows), params.max_length, inputs.template)
+        if key not in inputs.cache:
+            model, tokenizer = inputs.run_model(finetuned)
+            encoded = encode(tokenizer, [(e.prompt, e.unsafe_response) for e in rows], inputs.template,
+                             params.max_length)
+            stats = collect(model, arch, encoded, sqnorm=list(modules), positions="all",
+                            batch_size=params.batch_size, desc="antidote calibration pass")
+            inputs.release()  # the weights are edited from the files; the running copy is no longer needed
+            inputs.cache[key] = ({name: stats.column_norms(module).cpu() for module, name in modules.items()},
+                                 stats.tokens)
+        norms, tokens = inputs.cache[key]
 
         aligned = inputs.aligned
 
@@ -96,7 +104,7 @@ class Antidote(Method):
             "fraction": params.fraction,
             "target": params.target,
             "calibration_rows": len(rows),
-            "calibration_tokens": stats.tokens,
+            "calibration_tokens": tokens,
             "modules_changed": len(modules),
             "entries_zeroed_per_row": {role: int(finetuned.shape(name)[1] * params.fraction)
                                        for _l, role, name in arch.linear_weights(layers=[0])},

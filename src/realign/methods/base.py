@@ -104,7 +104,10 @@ class Inputs:
     template: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
+    heldout: Calibration | None = None  # calibration rows no method sees: the tuning's validation rows
     _loaded: dict[str, Any] = field(default_factory=dict, repr=False)
+    _pinned: str | None = field(default=None, repr=False)
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)  # per-fine-tune statistics reused by candidates
 
     def run_model(self, model: Model):
         """(torch model, tokenizer) for running ``model``; loaded once per Inputs."""
@@ -117,8 +120,16 @@ class Inputs:
         return self._loaded[key]
 
     def release(self) -> None:
-        """Drop the loaded model (e.g. before the writer streams a large checkpoint)."""
-        self._loaded.clear()
+        """Drop the loaded model (e.g. before the writer streams a large checkpoint), unless tuning
+        holds it (``pin``): then the same copy serves every candidate."""
+        if self._pinned is None or self._pinned not in self._loaded:
+            self._loaded.clear()
+
+    def pin(self, model: Model) -> None:
+        self._pinned = str(model.path)
+
+    def unpin(self) -> None:
+        self._pinned = None
 
     def require(self, name: str, method: str) -> Any:
         value = getattr(self, name)
@@ -166,6 +177,8 @@ class Edit:
     report: dict[str, Any] = field(default_factory=dict)
     dense: bool = True  # False when only the adapter output is possible
     files: dict[str, bytes] = field(default_factory=dict)  # an export for another tool instead of weights
+    # what an export adds to module outputs at run time ({module: vector}): how tuning scores it in memory
+    additions: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Method:
@@ -182,6 +195,16 @@ class Method:
 
     def prepare(self, inputs: Inputs, params: Any) -> Patch:
         return Patch(self.name, params_dict(params))
+
+    def tune_space(self, patch: Patch, finetuned: Model, params: Any) -> dict[str, list[Any]]:
+        """The apply-stage parameters ``--tune`` searches and their values: ``Params.TUNE`` unless a
+        method's values depend on the model."""
+        return {k: list(v) for k, v in getattr(self.Params, "TUNE", {}).items()}
+
+    def must_tune(self, params: Any) -> list[str]:
+        """Parameters left for tuning to choose (e.g. a layer given as none); tuned even without
+        ``--tune``."""
+        return []
 
     def apply(self, patch: Patch, finetuned: Model, inputs: Inputs, params: Any) -> Edit:
         raise NotImplementedError

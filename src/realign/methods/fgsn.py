@@ -47,7 +47,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -74,6 +74,8 @@ PAPER_SHARE = "about 5 % (5.38 % Llama-3.1-8B, 4.67 % Qwen); a later category ab
 
 @dataclass
 class FGSNParams:
+    # --tune: the share of each safety-layer matrix projected (the paper's q = 0.05 first)
+    TUNE: ClassVar[dict[str, tuple]] = {"q": (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7)}
     layers: str | list[int] | None = param(
         "auto", "safety layers: auto (first run of layers with gap ≥ gap_threshold × max gap), or explicit, "
         "e.g. 3-5 or 3,4,5 (0-based)")
@@ -83,7 +85,8 @@ class FGSNParams:
         "curve's minimum (min: gap ≥ min + t × (max − min)); zero falls back to min when no gap is positive",
         choices=("zero", "min"))
     max_layers: int | None = param(None, "auto layers: keep at most the first N layers of the run (none = all)")
-    q: float = param(0.05, "share of each matrix in the harmful set H = top-q of S_harm")
+    q: float = param(0.05, "share of each matrix in the harmful set H = top-q of S_harm (another q at apply time "
+                     "recomputes the clusters from the patch's input statistics)", stage="apply")
     p: float = param(0.05, "share of each matrix in the task set T = top-p of S_task")
     granularity: str = param("entry", "unit of H, T and M: single weights, or whole output rows (neurons)",
                              choices=("entry", "row"))
@@ -389,6 +392,10 @@ def task_key(module_input: str) -> str:
     return f"task_sqnorm.{module_input}"
 
 
+def harm_key(index: int, module_input: str) -> str:
+    return f"harm_sqnorm{index}.{module_input}"
+
+
 def _percent(part: int, whole: int) -> float:
     return round(100.0 * part / max(whole, 1), 4)
 
@@ -449,6 +456,38 @@ def plot_gap_curve(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
 
 
 # ============================================================================ the method
+def _check_recomputable(patch: Patch, meta: Mapping[str, Any], q: float) -> None:
+    if not 0 <= q <= 1:
+        raise RealignError(f"--set q={q}: q must be in [0, 1]")
+    missing = [c["name"] for c in meta["clusters"]
+               if not any(k.startswith(f"harm_sqnorm{c['index']}.") for k in patch.tensors.keys())]
+    if "q" not in meta or missing:
+        raise RealignError(f"fgsn: this patch cannot rebuild its clusters at another q (no input statistics for "
+                           f"{missing[0] if missing else 'its clusters'}): prepare it again with this version, or "
+                           "prepare with --set q=...")
+    if meta.get("exclude_task") and not any(k.startswith("task_sqnorm.") for k in patch.tensors.keys()):
+        raise RealignError("fgsn: this patch has no task statistics to rebuild its clusters: prepare it again")
+
+
+def rebuilt_clusters(patch: Patch, meta: Mapping[str, Any], w_a: torch.Tensor, source: str, q: float,
+                     indices: Sequence[int]) -> torch.Tensor:
+    """The union of clusters ``indices`` of one matrix at share ``q``, rebuilt as prepare builds
+    them: T = top-p of the task scores, then each cluster in order, top-q of its harmful scores
+    minus T and the earlier clusters."""
+    granularity = meta["granularity"]
+    taken = torch.zeros(units_shape(tuple(w_a.shape), granularity), dtype=torch.bool)
+    if meta.get("exclude_task"):
+        taken |= top_share(wanda_score(w_a, patch.tensors[task_key(source)]), meta["p"], granularity)
+    units = torch.zeros_like(taken)
+    for c in meta["clusters"]:
+        harm = top_share(wanda_score(w_a, patch.tensors[harm_key(c["index"], source)]), q, granularity)
+        cluster = harm & ~taken
+        taken |= cluster
+        if c["index"] in indices:
+            units |= cluster
+    return units
+
+
 def _linear_total(arch: Arch, aligned: Model) -> int:
     return sum(math.prod(aligned.shape(n)) for _, _, n in arch.linear_weights())
 
@@ -573,6 +612,8 @@ class FGSN(Method):
                 if key in tensors:
                     taken |= from_indices(tensors[key], ushape)
             for c in new_clusters:
+                # the input statistic (d_in floats) lets apply rebuild the cluster at another q
+                tensors[harm_key(c["index"], source)] = stats.harm_sqnorm[c["name"]][source].float()
                 harm = top_share(wanda_score(w, stats.harm_sqnorm[c["name"]][source]), p.q, p.granularity)
                 cluster = harm & ~taken
                 taken |= cluster
@@ -589,7 +630,9 @@ class FGSN(Method):
         edited = sum(c["entries"] for c in clusters)
         history = list(old.meta.get("history", [])) if old else []
         history.append({"calibration": cal.source, "sha256": cal.sha256, "categories": [c for c, _ in plan]})
-        meta = {"format": PATCH_FORMAT, "granularity": p.granularity, "layers": layers, "layer_choice": layer_choice,
+        meta = {"format": PATCH_FORMAT, "q": old.meta.get("q", p.q) if old else p.q, "p": p.p,
+                "exclude_task": p.exclude_task, "granularity": p.granularity, "layers": layers,
+                "layer_choice": layer_choice,
                 "gap_curve": curve, "gap_level": gap_level, "clusters": clusters, "modules": modules,
                 "linear_weights_total": total, "history": history}
         report: dict[str, Any] = {
@@ -637,21 +680,28 @@ class FGSN(Method):
                                f"{', '.join(names)}")
         indices = [c["index"] for c in meta["clusters"] if c["name"] in chosen]
         granularity = meta["granularity"]
+        recompute = not math.isclose(params.q, meta.get("q", params.q))
+        if recompute:
+            _check_recomputable(patch, meta, params.q)
+        rep = input_groups(aligned.arch)
         transforms = {}
         for m in meta["modules"]:
             keys = [cluster_key(i, m["module"]) for i in indices if cluster_key(i, m["module"]) in patch.tensors]
-            if not keys:
+            if not keys and not recompute:
                 continue
             name = m["name"]
 
-            def fn(old: torch.Tensor, name: str = name, keys: list[str] = keys, shape: tuple = tuple(m["shape"])
-                   ) -> torch.Tensor:
+            def fn(old: torch.Tensor, name: str = name, keys: list[str] = keys, shape: tuple = tuple(m["shape"]),
+                   source: str = aligned.arch.module_name(m["layer"], rep[m["role"]])) -> torch.Tensor:
                 ushape = units_shape(shape, granularity)
-                units = torch.zeros(ushape, dtype=torch.bool)
-                for key in keys:
-                    units |= from_indices(patch.tensors[key], ushape)
-                return project_update(aligned.get(name), base.get(name), old, units, params.norm, params.rank,
-                                      params.target)
+                w_a = aligned.get(name)
+                if recompute:
+                    units = rebuilt_clusters(patch, meta, w_a, source, params.q, indices)
+                else:
+                    units = torch.zeros(ushape, dtype=torch.bool)
+                    for key in keys:
+                        units |= from_indices(patch.tensors[key], ushape)
+                return project_update(w_a, base.get(name), old, units, params.norm, params.rank, params.target)
             transforms[name] = fn
         total = meta["linear_weights_total"]
         chosen_clusters = [c for c in meta["clusters"] if c["name"] in chosen]
@@ -679,4 +729,11 @@ class FGSN(Method):
         }
         if params.norm == "exact":
             report["rank"] = params.rank
+        report["q"] = params.q
+        if recompute:
+            report["clusters_rebuilt"] = (f"q = {params.q:g} (the patch's clusters are for q = {meta['q']:g}): rebuilt "
+                                          "at apply from the patch's input statistics; their sizes are in totals")
+            for c in report["clusters"]:
+                c["entries"] = c["share_percent"] = None
+            report["edited_entries"] = report["edited_share_percent"] = None
         return Edit(transforms=transforms, report=report)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,8 @@ from realign.sources import Model
 
 @dataclass
 class HdrParams:
+    # --tune: how much of the harm direction is removed
+    TUNE: ClassVar[dict[str, tuple]] = {"lam": (3.0, 0.5, 1.0, 2.0, 4.0, 6.0)}
     lam: float = param(3.0, "λ: W_out = W_f - λ · trimmed (W_h - W_b)", stage="apply")
     keep: float = param(0.1, "fraction of τ_H entries kept per tensor (largest magnitude)", stage="apply")
     scope: str = param("all", "all: every weight tensor; linear: decoder linear weights only", stage="apply",

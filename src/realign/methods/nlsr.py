@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -57,6 +57,8 @@ SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))
 
 @dataclass
 class NLSRParams:
+    # --tune: how many modules get their safety region back (the default π = 0.5 first)
+    TUNE: ClassVar[dict[str, tuple]] = {"prune_rate": (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)}
     alpha: float = param(0.9, "pre-amplification of the safety reference: W_e = W_a + alpha·(W_a − W_b)")
     amplify: str = param(
         "paper", "paper: W_e = W_a + alpha·(W_a − W_b); lora-factors: the official code's scaling of each LoRA "

@@ -11,21 +11,14 @@ The last layer's h_l is read before the model's final norm (transformers' last h
 normalised, a different scale from the residual stream the direction is added to).
 
 apply (fine-tuned model): add c · r_l to the residual stream inside layer l, after its attention
-(the ``o_proj`` output: the place a bias can carry it, see ``realign.bake``). The layer (and, by
-default, c) is chosen by a small validation search over the layers before the last ``skip_last``
-fraction, on the FINE-TUNED model with hooks (the same addition as the bias):
-
-- c: activation addition shifts EVERY prompt by the same c · r_l, harmless ones included, and at
-  c = 1 (Arditi et al.'s setting, made to induce refusal on harmless prompts) it moves a harmless
-  prompt all the way to the harmful mean — the model then refuses or breaks on everything. So c
-  is the largest value of a geometric grid (1, 1/√2, 1/2, … down to 1/32) whose addition raises
-  the mean per-token loss of the held-out benign answers by at most ``utility_tolerance`` nats:
-  the strongest push the model's ordinary answers tolerate. This is measured per model, so it
-  scales with the direction's size relative to the residual stream (large in small models).
-- the layer maximises mean P(refuse | harmful) − mean P(refuse | harmless) at its c, where
-  P(refuse) is the mass of the refusal-opening tokens at the first response position: more
-  refusal where it is wanted, not everywhere.
-No generation; one batch of held-out prompts (and one of benign answers) per (layer, c) tried.
+(the ``o_proj`` output: the place a bias can carry it, see ``realign.bake``). Unless both are given,
+the layer l (among the layers before the last ``skip_last`` fraction) and c (in 1, 1/2, 1/4, 1/8)
+are chosen by realign's tuning loop (``realign.tuning``), on the FINE-TUNED model, from forward
+passes over the held-out calibration rows: the setting with the highest expected refusal of
+harmful prompts whose utility score stays within the tolerance of the fine-tune's. The utility
+bound matters here: activation addition shifts EVERY prompt by the same c · r_l, harmless ones
+included, and at c = 1 (Arditi et al.'s setting, made to induce refusal on harmless prompts) it
+moves a harmless prompt all the way to the harmful mean.
 
 Refusal-opening tokens: the first tokens of the calibration ``safe_response`` texts that no
 ``unsafe_response`` or benign ``response`` starts with (falling back to common refusal openings).
@@ -42,7 +35,6 @@ import torch
 
 from realign.bake import (
     STEERING_FILE,
-    add_to_outputs,
     o_bias_edit,
     steering_bytes,
     steering_config,
@@ -60,21 +52,16 @@ FALLBACK_OPENINGS = ("I'm sorry", "I am sorry", "Sorry", "I cannot", "I can't", 
 
 @dataclass
 class RefusalParams:
-    coeff: float | None = param(None, "c: c · r_l is added to the residual stream at layer l (default: the largest "
-                                "c in 1, 1/√2, …, 1/32 whose addition raises the held-out benign answers' loss by at "
-                                "most utility_tolerance; c = 1 moves harmless prompts to the harmful mean and makes "
-                                "the model refuse or fail everything)", stage="apply")
-    utility_tolerance: float = param(0.02, "most rise of the held-out benign answers' mean token loss (nats) the "
-                                     "search accepts when it chooses c", stage="apply")
+    coeff: float | None = param(None, "c: c · r_l is added to the residual stream at layer l (default: chosen by "
+                                "the tuning loop among 1, 1/2, 1/4, 1/8; c = 1 moves harmless prompts to the harmful "
+                                "mean and makes the model refuse or fail everything)", stage="apply")
     mode: str = param("bake", "bake: a checkpoint with the o_proj bias; export: a steering file for "
                       "lm-evaluation-harness", stage="apply", choices=("bake", "export"))
-    layer: int | None = param(None, "layer to add the direction at (default: chosen by the validation search)",
+    layer: int | None = param(None, "layer to add the direction at (default: chosen by the tuning loop)",
                               stage="apply")
-    skip_last: float = param(0.2, "fraction of last layers the search skips", stage="apply")
-    validation: int = param(16, "prompts of each kind held out for the layer/coefficient search",
-                            stage="prepare")
+    skip_last: float = param(0.2, "fraction of last layers the tuning loop skips", stage="apply")
     samples: int = param(256, "most prompts of each kind used for the direction", stage="prepare")
-    seed: int = param(0, "seed of the held-out prompt draw", stage="prepare")
+    seed: int = param(0, "seed of the draw of prompts when there are more than samples", stage="prepare")
     max_length: int = param(256, "token limit per prompt", stage="prepare")
     batch_size: int = param(16, "batch size of the forward passes", stage="prepare")
 
@@ -146,83 +133,7 @@ def refusal_probability(model, tokenizer, prompts: Sequence[str], tokens: Sequen
     return torch.cat(out)
 
 
-@torch.no_grad()
-def answer_loss(model, tokenizer, pairs: Sequence[tuple[str, str]], template: str, max_length: int = 256,
-                batch_size: int = 16) -> float:
-    """Mean per-token loss (nats) of the responses given their prompts: how well the model still
-    gives its ordinary answers."""
-    device = next(model.parameters()).device
-    enc = [e for e in encode(tokenizer, list(pairs), template, max_length) if e.response_len > 0]
-    total, count = 0.0, 0
-    for start in range(0, len(enc), batch_size):
-        batch = enc[start:start + batch_size]
-        length = max(len(e.input_ids) for e in batch)
-        ids = torch.zeros(len(batch), length, dtype=torch.long)
-        attn = torch.zeros(len(batch), length, dtype=torch.long)
-        mask = torch.zeros(len(batch), length - 1, dtype=torch.bool)  # predicted positions: the response tokens
-        for i, e in enumerate(batch):
-            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            attn[i, : len(e.input_ids)] = 1
-            mask[i, e.prompt_len - 1: len(e.input_ids) - 1] = True
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:].to(device),
-                                                reduction="none").cpu()
-        total += float(nll[mask].sum())
-        count += int(mask.sum())
-    return total / max(count, 1)
-
-
-COEFF_GRID = tuple(2.0 ** (-i / 2) for i in range(11))  # 1, 1/√2, 1/2, … , 1/32
-
-
-def search_layer(model, tokenizer, arch, directions: torch.Tensor, candidates: Sequence[int], coeff: float | None,
-                 harmful: Sequence[str], benign: Sequence[str], tokens: Sequence[int], template: str,
-                 max_length: int = 256, batch_size: int = 16, answers: Sequence[tuple[str, str]] = (),
-                 tolerance: float = 0.02) -> tuple[int, float, dict]:
-    """(layer, c, details): per candidate layer, c is ``coeff`` when given, else the largest of
-    ``COEFF_GRID`` whose addition raises the loss of the benign ``answers`` by at most
-    ``tolerance``; the layer maximises mean P(refuse | harmful) − mean P(refuse | benign) at its c."""
-    prompts = list(harmful) + list(benign)
-    n_h = len(harmful)
-
-    def score(p: torch.Tensor) -> tuple[float, float, float]:
-        h, b = float(p[:n_h].mean()), float(p[n_h:].mean())
-        return h - b, h, b
-
-    def refusal(layer: int | None, c: float) -> tuple[float, float, float]:
-        add = {} if layer is None else {arch.module_name(layer, "o"): c * directions[layer].float()}
-        with add_to_outputs(model, add):
-            return score(refusal_probability(model, tokenizer, prompts, tokens, template, max_length, batch_size))
-
-    base = refusal(None, 0.0)
-    base_loss = answer_loss(model, tokenizer, answers, template, max_length, batch_size) if coeff is None else None
-    per_layer: dict[int, dict] = {}
-    for layer in candidates:
-        entry: dict = {}
-        if coeff is None:
-            c, tried = 0.0, {}
-            for g in COEFF_GRID:  # largest first: stop at the first that the benign answers tolerate
-                with add_to_outputs(model, {arch.module_name(layer, "o"): g * directions[layer].float()}):
-                    rise = answer_loss(model, tokenizer, answers, template, max_length, batch_size) - base_loss
-                tried[f"{g:.4g}"] = round(rise, 6)
-                if rise <= tolerance:
-                    c = g
-                    break
-            entry["benign_loss_rise"] = tried
-        else:
-            c = coeff
-        s, h, b = refusal(layer, c) if c else base
-        entry.update({"coeff": round(c, 6), "score": round(s, 6), "p_refuse_harmful": round(h, 6),
-                      "p_refuse_benign": round(b, 6), "_score": s})
-        per_layer[layer] = entry
-    best = max(candidates, key=lambda layer: (per_layer[layer]["_score"], -layer))
-    details = {
-        "without_addition": {"score": round(base[0], 6), "p_refuse_harmful": round(base[1], 6),
-                             "p_refuse_benign": round(base[2], 6),
-                             **({"benign_answer_loss": round(base_loss, 6)} if base_loss is not None else {})},
-        "per_layer": {str(layer): {k: v for k, v in e.items() if k != "_score"} for layer, e in per_layer.items()},
-    }
-    return best, per_layer[best]["coeff"] if coeff is None else coeff, details
+COEFF_GRID = (1.0, 0.5, 0.25, 0.125)  # the tuning loop's values of c
 
 
 def _sample(items: list[str], n: int, rng: random.Random) -> list[str]:
@@ -248,10 +159,7 @@ class RefusalDirection(Method):
         cal.require("harmful prompts", harmful, self.name, minimum=2)
         cal.require("benign prompts", benign, self.name, minimum=2)
         rng = random.Random(params.seed)
-        n_val = max(1, min(params.validation, len(harmful) // 2, len(benign) // 2))
-        val_h, val_b = rng.sample(harmful, n_val), rng.sample(benign, n_val)
-        train_h = _sample([p for p in harmful if p not in set(val_h)], params.samples, rng)
-        train_b = _sample([p for p in benign if p not in set(val_b)], params.samples, rng)
+        train_h, train_b = _sample(harmful, params.samples, rng), _sample(benign, params.samples, rng)
 
         model, tokenizer = inputs.run_model(aligned)
         enc = encode(tokenizer, [(p, None) for p in train_h + train_b], inputs.template, params.max_length)
@@ -266,23 +174,26 @@ class RefusalDirection(Method):
             [e.response for e in cal.benign() if e.response])
         inputs.release()
         meta = {
-            "validation_harmful": val_h,
-            "validation_benign": val_b,
-            # benign answers of the held-out prompts: the utility check of the coefficient search
-            "validation_benign_answers": [[e.prompt, e.response] for e in cal.benign()
-                                          if e.prompt in set(val_b) and e.response],
             "refusal_tokens": tokens,
             "refusal_tokens_from": source,
             "template": resolve_template(tokenizer, inputs.template),
         }
         report = {
             "prompts": {"harmful": len(train_h), "benign": len(train_b)},
-            "held_out": {"harmful": len(val_h), "benign": len(val_b)},
             "refusal_tokens": [tokenizer.decode([t]) for t in tokens],
             "direction_norms": [round(float(n), 4) for n in directions.norm(dim=-1)],
         }
         return Patch(self.name, params_dict(params), meta=meta, tensors={"directions": directions.contiguous()},
                      report=report)
+
+    def must_tune(self, params: RefusalParams) -> list[str]:
+        return [k for k in ("layer", "coeff") if getattr(params, k) is None]
+
+    def tune_space(self, patch: Patch, finetuned: Model, params: RefusalParams) -> dict[str, list]:
+        if not 0.0 <= params.skip_last < 1.0:
+            raise RealignError(f"--set skip_last={params.skip_last}: use a fraction in [0, 1)")
+        layers = finetuned.arch.num_layers
+        return {"layer": list(range(max(1, int(layers * (1.0 - params.skip_last))))), "coeff": list(COEFF_GRID)}
 
     def apply(self, patch: Patch, finetuned: Model, inputs: Inputs, params: RefusalParams) -> Edit:
         _check_bakeable(finetuned, params.mode)
@@ -291,33 +202,13 @@ class RefusalDirection(Method):
         if directions.shape[0] != arch.num_layers:
             raise RealignError(f"refusal: the patch has directions for {directions.shape[0]} layers, the fine-tune "
                                f"has {arch.num_layers}: prepare it from this fine-tune's aligned model")
-        search: dict = {}
-        if params.coeff is not None and not math.isfinite(params.coeff):
+        if params.layer is None or params.coeff is None:
+            raise RealignError("refusal: the layer and c are chosen by the tuning loop (realign.api.apply/repair and "
+                               "the CLI run it), or give both: --set layer=L --set coeff=C")
+        if not math.isfinite(params.coeff):
             raise RealignError(f"--set coeff={params.coeff}: use a finite number")
-        if params.layer is not None:
-            _check_layer(params.layer, arch.num_layers)
-            candidates = [params.layer]
-        else:
-            if not 0.0 <= params.skip_last < 1.0:
-                raise RealignError(f"--set skip_last={params.skip_last}: use a fraction in [0, 1)")
-            candidates = list(range(max(1, int(arch.num_layers * (1.0 - params.skip_last)))))
-        meta = patch.meta
-        answers = [tuple(a) for a in meta.get("validation_benign_answers", [])]
-        if params.coeff is None and not answers:
-            raise RealignError("refusal: choosing c needs benign answers held out at prepare time and this patch has "
-                               "none (benign calibration rows need a response): prepare again, or give --set coeff=C")
-        if params.layer is not None and params.coeff is not None:
-            layer, coeff = params.layer, params.coeff
-        else:
-            model, tokenizer = inputs.run_model(finetuned)
-            layer, coeff, search = search_layer(model, tokenizer, arch, directions, candidates, params.coeff,
-                                                meta["validation_harmful"], meta["validation_benign"],
-                                                meta["refusal_tokens"], meta.get("template", inputs.template),
-                                                int(patch.params.get("max_length", 256)),
-                                                int(patch.params.get("batch_size", 16)), answers,
-                                                params.utility_tolerance)
-            inputs.release()
-            search = {"candidates": candidates, **search}
+        _check_layer(params.layer, arch.num_layers)
+        layer, coeff = params.layer, params.coeff
         vector = coeff * directions[layer]
         if params.mode == "bake":
             edit = o_bias_edit(finetuned, {layer: lambda: vector}, self.name)
@@ -328,18 +219,16 @@ class RefusalDirection(Method):
             readme = steering_readme(str(finetuned.path), self.name, coeff, list(config), peft,
                                      str(finetuned.base.path) if peft and finetuned.base else None)
             edit = Edit(files={STEERING_FILE: steering_bytes(config), "README.md": readme.encode()},
-                        report={"export": {"file": STEERING_FILE, "hookpoints": list(config)}})
+                        report={"export": {"file": STEERING_FILE, "hookpoints": list(config)}},
+                        additions=additions(patch, arch, layer, coeff))
         edit.report.update({
             "rule": "add c * r_l (aligned model, mean harmful - mean harmless hidden state at the last prompt token) "
                     "to the residual stream at layer l, after its attention (o_proj output)",
             "mode": params.mode,
             "layer": layer,
-            "layer_chosen_by": "given" if params.layer is not None else "validation search",
             "coeff": coeff,
-            "coeff_chosen_by": "given" if params.coeff is not None else "validation search (benign answer loss)",
             "vector_norm": round(float(vector.norm()), 6),
             "modules_changed": 1,
             "parameters_added": int((vector != 0).sum()),
-            **({"search": search} if search else {}),
         })
         return edit

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,8 @@ SCOPES = ("all", "linear")
 
 @dataclass
 class RestaParams:
+    # --tune: how much of the safety vector is added back
+    TUNE: ClassVar[dict[str, tuple]] = {"beta": (0.5, 0.25, 0.75, 1.0, 1.5, 2.0, 3.0)}
     beta: float = param(0.5, "β: W_out = W_f + β (W_a - W_u)", stage="apply")
     dare: float = param(0.0, "DARE drop rate d on dW = W_f - W_a before adding the vector (0 = off)", stage="apply")
     seed: int = param(0, "seed of the DARE drop masks", stage="apply")

@@ -21,7 +21,7 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -33,6 +33,8 @@ from realign.sources import Model
 
 @dataclass
 class SafeLoraParams:
+    # --tune: the cosine threshold below which a module is projected
+    TUNE: ClassVar[dict[str, tuple]] = {"tau": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)}
     mode: str = param("threshold", "threshold: project modules with cosine < tau; topk: the k lowest-cosine modules",
                       stage="apply", choices=("threshold", "topk"))
     tau: float = param(0.5, "cosine threshold of mode=threshold", stage="apply")

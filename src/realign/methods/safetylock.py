@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -57,6 +57,8 @@ THETA = "theta"  # patch tensor: (K, head_dim) unit directions, one row per kept
 
 @dataclass
 class SafetyLockParams:
+    # --tune: the lock's strength (the paper's α = 6 first)
+    TUNE: ClassVar[dict[str, tuple]] = {"alpha": (6.0, 3.0, 12.0, 18.0, 24.0)}
     k_fraction: float = param(24 / 1024, "heads kept, as a fraction of all heads (the paper's K = 24 of 1024)")
     k: int | None = param(None, "heads kept, as a count (overrides k_fraction)")
     last_tokens: int = param(5, "T: samples are T tokens of each response (the window's size)")
@@ -444,7 +446,8 @@ class SafetyLock(Method):
         readme = bake.steering_readme(str(finetuned.path), self.name, params.alpha, list(config), peft,
                                       str(finetuned.base.path) if peft and finetuned.base else None)
         return Edit(files={bake.STEERING_FILE: bake.steering_bytes(config), "README.md": readme.encode()},
-                    report={**report, "export": {"file": bake.STEERING_FILE, "hookpoints": list(config)}})
+                    report={**report, "export": {"file": bake.STEERING_FILE, "hookpoints": list(config)}},
+                    additions={arch.module_name(layer, "o"): params.alpha * v.float() for layer, v in vectors.items()})
 
     @classmethod
     def extract(cls, aligned, calibration, *, template: str = "auto", device: str = "auto", dtype: str = "auto",

@@ -83,6 +83,12 @@ class WorldPaths:
         return self.root / "calibration.jsonl"
 
     @property
+    def task_data(self) -> Path:
+        """The attack's clean task rows (prompt/response): the examples a provider has of a customer's
+        fine-tune, for ``--tune --task-data`` (not the test set)."""
+        return self.root / "task.jsonl"
+
+    @property
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
@@ -135,6 +141,11 @@ def calibration_examples(lang: Language) -> list[Example]:
     return rows
 
 
+def write_task_data(lang: Language, recipe, seed: int, root: Path) -> None:
+    rows = [s for s in T.attack_data(lang, recipe, recipe.attack_ratio, seed) if not s.harmful]
+    _write_jsonl(root / "task.jsonl", [{"prompt": s.prompt, "response": s.response} for s in rows])
+
+
 def write_data(lang: Language, root: Path) -> None:
     save_calibration(calibration_examples(lang), root / "calibration.jsonl")
     ev = root / "eval"
@@ -181,6 +192,8 @@ def build_world(
     digest = recipe.digest(lang)
     if not force and _cached(paths, seed, size, digest):
         say(f"world {out} is up to date (seed {seed}, {size}, recipe {digest}): reusing it")
+        if not paths.task_data.is_file():  # worlds built before the task rows were written
+            write_task_data(lang, recipe, seed, out)
         return paths
     _prepare_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +216,7 @@ def build_world(
         done = stage("tokenizer and data")
         tokenizer = train_tokenizer(lang.all_text(), recipe.vocab_size)
         write_data(lang, tmp)
+        write_task_data(lang, recipe, seed, tmp)
         done()
 
         done = stage("base")
