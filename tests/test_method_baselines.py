@@ -343,7 +343,8 @@ def test_each_output_tensor_reads_only_its_own_inputs(world, tmp_path, monkeypat
     from realign.sources import TensorStore
 
     m = get_method(method)
-    p = build_params(m.Params, {"refusal": {"layer": 0, "coeff": 0.5}, "safelora": {"mode": "topk", "k": 3}}.get(method))
+    given = {"refusal": {"layer": 0, "coeff": 0.5}, "safelora": {"mode": "topk", "k": 3}}
+    p = build_params(m.Params, given.get(method))
     cal = _calibration()
     inputs, _ = _make_inputs(m, world["aligned"], world["base"], cal, world["harmful"], None, "auto", "cpu", "auto",
                              False)

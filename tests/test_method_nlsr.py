@@ -222,7 +222,6 @@ def test_chunked_similarity_and_transplant_equal_the_direct_computation(monkeypa
 # ============================================================================ statistics
 def _encoded(world, tokenizer):
     from realign.calibration import load_calibration
-
     from realign.tuning import split_heldout
 
     rows = split_heldout(load_calibration(world["cal"]))[0].with_safe_response()  # the rows prepare sees
