@@ -3,7 +3,7 @@
     python bench/refusal_world.py --world /tmp/w/d4 --out runs/refusal-world [--limit 60]
 
 The direction is prepared once from the world's aligned model. For attacked-lora and attacked-full
-the first row is the method's default (layer and c chosen by its validation search, baked into a
+the first row is the method's default (layer and c chosen by the tuning loop, baked into a
 checkpoint and reloaded); the others add c · r_l at a given layer with hooks (the same addition as
 the baked bias, tested in tests/test_method_refusal.py). Each is evaluated with the world's quick
 evaluation (greedy, keyword judge): HS, FA, skills, over-refusal, % of parameters edited (the

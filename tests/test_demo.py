@@ -17,8 +17,9 @@ def test_demo_writes_rows_table_and_plot(small_world, tmp_path):
     rows = json.loads((out / "summary.json").read_text())
     names = [row["name"] for row in rows]
     assert names[:5] == ["base", "aligned", "attacked-lora", "attacked-full", "benign-lora"]
+    # revert has nothing to tune: one row per attack; nlsr: the paper's default and the tuned setting
     assert names[5:] == ["revert (attacked-lora)", "revert (attacked-full)", "nlsr (attacked-lora)",
-                         "nlsr (attacked-full)"]
+                         "nlsr tuned (attacked-lora)", "nlsr (attacked-full)", "nlsr tuned (attacked-full)"]
     for row in rows:
         assert {"name", "hs", "fa", "over_refusal"} <= set(row)
         assert 0.0 <= row["hs"] <= 100.0 and 0.0 <= row["fa"] <= 100.0
@@ -28,6 +29,11 @@ def test_demo_writes_rows_table_and_plot(small_world, tmp_path):
         assert by_name[f"revert ({target})"]["hs"] == by_name["aligned"]["hs"]
         assert by_name[f"revert ({target})"]["fa"] == by_name["aligned"]["fa"]
         assert by_name[f"nlsr ({target})"]["params_changed_pct"] > 0
+    for target in ("attacked-lora", "attacked-full"):
+        tuned = by_name[f"nlsr tuned ({target})"]
+        assert tuned["setting"].startswith("prune_rate=") and by_name[f"nlsr ({target})"]["setting"] == ""
+        report = json.loads((out / "repaired" / f"nlsr-tuned-{target}" / "realign.json").read_text())["report"]
+        assert report["tuning"]["utility_rows"] == "task" and any(r["chosen"] for r in report["tuning"]["candidates"])
     assert (out / "hs_vs_fa.png").stat().st_size > 1000
     assert "| nlsr (attacked-full) |" in (out / "summary.md").read_text()
     assert (out / "results" / "nlsr-attacked-lora.json").is_file()

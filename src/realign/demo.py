@@ -34,6 +34,7 @@ class Row:
     skills: float | None
     params_changed_pct: float | None
     seconds: float
+    setting: str = ""  # the tuned row's chosen setting (or the layer/c the refusal loop chose)
 
 
 def _evaluate(path: Path, world: Path, device: str, limit: int | None, results_dir: Path, name: str):
@@ -46,10 +47,18 @@ def _evaluate(path: Path, world: Path, device: str, limit: int | None, results_d
 
 
 def _row(name: str, model: str, method: str | None, summary: dict[str, Any], changed: float | None,
-         seconds: float) -> Row:
+         seconds: float, setting: str = "") -> Row:
     return Row(name=name, model=model, method=method, hs=summary.get("hs", float("nan")),
                fa=summary.get("fa", float("nan")), over_refusal=summary.get("over_refusal", float("nan")),
-               skills=summary.get("skills"), params_changed_pct=changed, seconds=round(seconds, 2))
+               skills=summary.get("skills"), params_changed_pct=changed, seconds=round(seconds, 2), setting=setting)
+
+
+def _setting(report: dict[str, Any]) -> str:
+    tuning = report.get("tuning")
+    if not tuning or tuning.get("chosen") is None:
+        return ""
+    text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in tuning["chosen"].items())
+    return text if tuning.get("improved") else f"{text} (no gain: default)"
 
 
 def run_demo(out: str | Path = "demo", seed: int = 0, size: str = "default", methods: list[str] | None = None,
@@ -79,26 +88,34 @@ def run_demo(out: str | Path = "demo", seed: int = 0, size: str = "default", met
         _print_row(rows[-1])
     common = {"aligned": world / "aligned", "base": world / "base", "harmful": world / "harmful",
               "calibration": world / "calibration.jsonl"}
+    from realign.methods import get_method
+    from realign.tuning import TuneOptions
+
+    # the fine-tune's own task rows, as a provider has them; fallback=default keeps a row where no candidate repairs
+    tuning = TuneOptions(task_data=world / "task.jsonl", fallback="default")
     for method in chosen:
-        # Prepare once per method, apply to every fine-tune: the provider's workflow.
+        # Prepare once per method, apply to every fine-tune: the provider's workflow. Each fine-tune gets the
+        # paper's default and, for methods with something to tune, the setting the tuning loop chooses for it.
         start = time.perf_counter()
         patch = api.prepare(method, device=device, **common)
         prepare_seconds = time.perf_counter() - start
         for target in TARGETS:
-            label = f"{method} ({target})"
-            dst = repaired_dir / f"{method}-{target}"
-            start = time.perf_counter()
-            result = api.apply(patch, world / target, dst, device=device, force=True, **common)
-            seconds = prepare_seconds + time.perf_counter() - start
-            totals = result.report.get("totals", {})
-            changed = totals.get("percent_edited", totals.get("percent_changed"))
-            summary = _evaluate(dst, world, device, limit, results_dir, f"{method}-{target}")
-            rows.append(_row(label, target, method, summary, changed, seconds))
-            _print_row(rows[-1])
-            if result.output == "checkpoint":
-                # keep the report, drop the weights: the demo's disk footprint stays small
-                for f in dst.glob("*.safetensors"):
-                    f.unlink()
+            for tuned in (False, True) if get_method(method).tunable() else (False,):
+                label = f"{method}{' tuned' if tuned else ''} ({target})"
+                dst = repaired_dir / f"{method}{'-tuned' if tuned else ''}-{target}"
+                start = time.perf_counter()
+                result = api.apply(patch, world / target, dst, device=device, force=True,
+                                   tune=tuning if tuned else False, **common)
+                seconds = prepare_seconds + time.perf_counter() - start
+                totals = result.report.get("totals", {})
+                changed = totals.get("percent_edited", totals.get("percent_changed"))
+                summary = _evaluate(dst, world, device, limit, results_dir, dst.name)
+                rows.append(_row(label, target, method, summary, changed, seconds, _setting(result.report)))
+                _print_row(rows[-1])
+                if result.output == "checkpoint":
+                    # keep the report, drop the weights: the demo's disk footprint stays small
+                    for f in dst.glob("*.safetensors"):
+                        f.unlink()
     _write_summary(out, rows)
     return rows
 
@@ -127,15 +144,21 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 
 def _print_row(row: Row) -> None:
     typer.echo(f"  {row.name:<34} HS {_fmt(row.hs):>5}  FA {_fmt(row.fa):>5}  over-refusal {_fmt(row.over_refusal):>5}"
-               f"  skills {_fmt(row.skills):>5}", err=True)
+               f"  skills {_fmt(row.skills):>5}  {row.setting}", err=True)
+
+
+COLUMNS = ("model / method", "HS % ↓", "FA % ↑", "over-refusal % ↓", "skills % ↑", "params changed %", "time s",
+           "tuned setting")
+
+
+def _cells(r: Row) -> list[str]:
+    return [r.name, _fmt(r.hs), _fmt(r.fa), _fmt(r.over_refusal), _fmt(r.skills), _fmt(r.params_changed_pct, 3),
+            _fmt(r.seconds), r.setting]
 
 
 def table_markdown(rows: list[Row]) -> str:
-    lines = ["| model / method | HS % ↓ | FA % ↑ | over-refusal % ↓ | skills % ↑ | params changed % | time s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r.name} | {_fmt(r.hs)} | {_fmt(r.fa)} | {_fmt(r.over_refusal)} | {_fmt(r.skills)} | "
-                     f"{_fmt(r.params_changed_pct, 3)} | {_fmt(r.seconds)} |")
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 2) + "---|"]
+    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -146,13 +169,11 @@ def _write_summary(out: Path, rows: list[Row]) -> None:
     (out / "summary.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     (out / "summary.md").write_text(table_markdown(rows))
     table = Table(title="realign demo: miniature world")
-    for col in ("model / method", "HS % ↓", "FA % ↑", "over-refusal % ↓", "skills % ↑", "params changed %",
-                "time s"):
-        table.add_column(col, justify="left" if col.startswith("model") else "right")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col.startswith(("model", "tuned")) else "right")
     for r in rows:
-        table.add_row(r.name, _fmt(r.hs), _fmt(r.fa), _fmt(r.over_refusal), _fmt(r.skills),
-                      _fmt(r.params_changed_pct, 3), _fmt(r.seconds))
-    Console(width=max(Console().width, 132)).print(table)  # one line per row, even in a log
+        table.add_row(*_cells(r))
+    Console(width=max(Console().width, 160)).print(table)  # one line per row, even in a log
     plot_rows(rows, out / "hs_vs_fa.png")
     typer.echo(f"wrote {out / 'summary.json'}, {out / 'summary.md'}, {out / 'hs_vs_fa.png'}")
 

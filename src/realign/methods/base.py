@@ -201,6 +201,11 @@ class Method:
         method's values depend on the model."""
         return {k: list(v) for k, v in getattr(self.Params, "TUNE", {}).items()}
 
+    @classmethod
+    def tunable(cls) -> bool:
+        """Whether ``--tune`` has anything to search for this method."""
+        return bool(getattr(cls.Params, "TUNE", None)) or cls.tune_space is not Method.tune_space
+
     def must_tune(self, params: Any) -> list[str]:
         """Parameters left for tuning to choose (e.g. a layer given as none); tuned even without
         ``--tune``."""

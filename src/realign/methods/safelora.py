@@ -33,8 +33,8 @@ from realign.sources import Model
 
 @dataclass
 class SafeLoraParams:
-    # --tune: the cosine threshold below which a module is projected
-    TUNE: ClassVar[dict[str, tuple]] = {"tau": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)}
+    # --tune: the cosine threshold below which a module is projected (lower: fewer modules)
+    TUNE: ClassVar[dict[str, tuple]] = {"tau": (0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0)}
     mode: str = param("threshold", "threshold: project modules with cosine < tau; topk: the k lowest-cosine modules",
                       stage="apply", choices=("threshold", "topk"))
     tau: float = param(0.5, "cosine threshold of mode=threshold", stage="apply")
