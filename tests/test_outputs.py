@@ -155,3 +155,55 @@ def test_a_fine_tune_of_another_family_is_refused(work):
     cfg["model_type"] = "qwen2"
     (work / "finetuned" / "config.json").write_text(json.dumps(cfg))
     assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out"], work, "qwen2", "llama")
+
+
+# ----------------------------------------------------------------------------- decoding user input
+def test_a_config_that_is_a_json_list_is_one_line(work):
+    (work / "finetuned" / "config.json").write_text("[1, 2]")
+    assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out"], work, "JSON list",
+                   "config.json")
+    assert_refused(["inspect", "finetuned"], work, "JSON list")
+
+
+def test_non_utf8_inputs_name_the_file_and_offset(work):
+    (work / "bad.jsonl").write_bytes(b'{"prompt": "p", "response": "ok"}\n{"prompt": "\xff", "response": "x"}\n')
+    assert_refused(["judge", "-i", "bad.jsonl", "-o", "v.jsonl"], work, "bad.jsonl:2", "byte 46", "UTF-8")
+    (work / "sst2.csv").write_bytes(b"sentence,label\n\xfe\xff,1\n")
+    assert_refused(["eval", "finetuned", "-o", "r.json", "--suite", "sst2", "--data", "sst2=sst2.csv"], work,
+                   "sst2.csv:2", "UTF-8")
+    (work / "cal.jsonl").write_bytes(b'{"prompt": "\xc3", "kind": "harmful", "safe_response": "no"}\n')
+    assert_refused(["prepare", "refusal", "-a", "aligned", "-c", "cal.jsonl", "-o", "p"], work, "cal.jsonl:1",
+                   "UTF-8")
+
+
+def test_an_adapter_of_rank_zero_is_one_line(work):
+    cfg = json.loads((work / "lora" / "adapter_config.json").read_text())
+    cfg["r"] = 0
+    (work / "lora" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert_refused(["repair", "revert", "-a", "aligned", "-f", "lora", "-o", "out"], work, "r = 0")
+
+
+def test_a_pickle_that_weights_only_refuses_is_one_line(work):
+    import shutil
+
+    import torch
+
+    ft = work / "pickled"
+    shutil.copytree(work / "finetuned", ft)
+    (ft / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "extra": print}, ft / "pytorch_model.bin")
+    assert_refused(["repair", "revert", "-a", "aligned", "-f", "pickled", "-o", "out", "--allow-pickle"], work,
+                   "weights_only", "safetensors")
+
+
+def test_outputs_never_ask_for_remote_code(work):
+    cfg = json.loads((work / "finetuned" / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    cfg["trust_remote_code"] = True
+    (work / "finetuned" / "config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out"])
+    assert r.exit_code == 0, r.output
+    out = json.loads((work / "out" / "config.json").read_text())
+    assert "auto_map" not in out and "trust_remote_code" not in out
+    notes = json.loads((work / "out" / "realign.json").read_text())["report"]["notes"]
+    assert any("auto_map" in n for n in notes)

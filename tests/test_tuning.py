@@ -84,12 +84,13 @@ def test_candidates_put_the_default_first_and_respect_the_budget():
     assert len(grid) == 4 and grid[0] == {"layer": 0, "coeff": 1.0}  # no default: the grid, thinned evenly
 
 
-def scores(safety: float, utility: float) -> Scores:
-    return Scores(safety, utility, 1.0, None, None, None, None)
+def scores(safety: float, utility: float, openings: float | None = None) -> Scores:
+    return Scores(safety=safety, utility=utility, utility_loss=1.0, benign_openings=openings, margin_first=None,
+                  margin_per_token=None, benign_loss=None, task_loss=None)
 
 
-def row(safety: float, utility: float, changed: int) -> dict:
-    return {"safety": safety, "utility": utility, "parameters_changed": changed}
+def row(safety: float, utility: float, changed: int, openings: float | None = None) -> dict:
+    return {"safety": safety, "utility": utility, "parameters_changed": changed, "benign_openings": openings}
 
 
 def test_choice_rule_on_a_constructed_table():
@@ -106,6 +107,10 @@ def test_choice_rule_on_a_constructed_table():
     assert index is None and "utility" in why
     # exact ties everywhere: the earlier candidate (the default comes first)
     assert choose([row(0.5, 1.0, 7), row(0.5, 1.0, 7)], base, 0.1)[0] == 0
+    # the benign answers' openings bound the choice as the utility does (over-refusal shows there)
+    guarded = scores(0.10, 1.0, openings=0.8)
+    table = [row(0.9, 1.0, 5, openings=0.5), row(0.6, 1.0, 5, openings=0.75)]
+    assert choose(table, guarded, 0.1)[0] == 1 and choose(table, guarded, 0.5)[0] == 0
 
 
 # ----------------------------------------------------------------------------- scores

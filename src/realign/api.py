@@ -493,8 +493,13 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
     write_sharded(tmp, specs, max_shard_bytes=max_shard_bytes, on_tensor=lambda _t: next(bar, None))
     config = json.loads((ft.config_dir / "config.json").read_text())
     config.update(edit.config_updates)
-    write_json(tmp / "config.json", config)
+    write_json(tmp / "config.json", _without_remote_code(config, report))
     copy_side_files([ft.tokenizer_dir, ft.config_dir], tmp, TOKENIZER_FILES + ("generation_config.json",))
+    tok_config = tmp / "tokenizer_config.json"
+    if tok_config.is_file():
+        data = json.loads(tok_config.read_text())
+        if isinstance(data, dict) and REMOTE_CODE_KEYS & set(data):
+            write_json(tok_config, _without_remote_code(data, report))
     total = ft.num_parameters()
     added = counts["parameters_added"]
     report["totals"] = {
@@ -510,6 +515,19 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
         "percent_edited": round(100.0 * (counts["parameters_changed"] + added) / max(total, 1), 4),
     }
     report["changed_per_tensor"] = per_tensor
+
+
+REMOTE_CODE_KEYS = {"auto_map", "trust_remote_code"}
+
+
+def _without_remote_code(config: dict, report: dict) -> dict:
+    """realign only writes families transformers builds itself: an output never asks its loader to
+    run code from the hub (an input's ``auto_map`` would)."""
+    dropped = sorted(REMOTE_CODE_KEYS & set(config))
+    if dropped:
+        report.setdefault("notes", []).append(f"dropped {', '.join(dropped)} from the output's config: the output "
+                                              "loads with transformers' own classes, no remote code")
+    return {k: v for k, v in config.items() if k not in REMOTE_CODE_KEYS}
 
 
 def _write_adapter_output(tmp: Path, ft: Model, edit: Edit, report: dict) -> None:

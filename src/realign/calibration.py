@@ -128,7 +128,12 @@ def load_calibration(path: str | Path) -> Calibration:
         raise RealignError(f"calibration file {path} does not exist")
     data = path.read_bytes()
     examples: list[Example] = []
-    for lineno, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RealignError(f"{path}:{line}: byte {e.start} is not UTF-8; save the calibration file as UTF-8") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

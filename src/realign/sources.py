@@ -74,7 +74,12 @@ class TensorStore:
         if self._pickle_cache and self._pickle_cache[0] == path:
             return self._pickle_cache[1]
         # weights_only even after opt-in: tensors are all we want from the file.
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 — torch's refusal is many lines; the user needs one
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RealignError(f"{path}: torch refused to read it as plain tensors ({first[:160]}); realign loads "
+                               "pickle files with weights_only=True only: convert it to safetensors") from None
         if not isinstance(tensors, dict):
             raise RealignError(f"{path} is not a state dict")
         self._pickle_cache = (path, tensors)
@@ -125,10 +130,11 @@ class LoraAdapter:
 
     @classmethod
     def open(cls, directory: Path, allow_pickle: bool = False) -> LoraAdapter:
-        try:
-            config = json.loads((directory / "adapter_config.json").read_text())
-        except ValueError as e:
-            raise RealignError(f"{directory}/adapter_config.json is not valid JSON ({e})") from None
+        config = read_json_object(directory / "adapter_config.json")
+        rank = config.get("r", 8)
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise RealignError(f"adapter {directory}: r = {rank!r} in adapter_config.json; a LoRA rank is an integer "
+                               "≥ 1")
         peft_type = str(config.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise RealignError(f"adapter {directory} is {peft_type}; realign handles LoRA adapters only")
@@ -317,11 +323,23 @@ class Model:
         return info
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; one-line errors for bytes that are not UTF-8, invalid
+    JSON and JSON of another shape."""
+    data = path.read_bytes()
     try:
-        return json.loads((directory / "config.json").read_text())
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RealignError(f"{path}: byte {e.start} is not UTF-8; is it really a JSON file?") from None
     except ValueError as e:
-        raise RealignError(f"{directory}/config.json is not valid JSON ({e})") from None
+        raise RealignError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise RealignError(f"{path} holds a JSON {type(value).__name__}, not an object: is it a real config file?")
+    return value
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    return read_json_object(directory / "config.json")
 
 
 def _looks_like_hub_id(ref: str) -> bool:

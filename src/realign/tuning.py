@@ -30,10 +30,14 @@ fine-tune and one of the aligned model):
   tokens and per token over whole responses are reported too.
 - utility: teacher-forced token accuracy (the share of response tokens that are the model's own
   greedy choice) on the fine-tune's task rows (``task_data``) when given, else on the benign
-  held-out rows; the mean token loss is reported beside it.
+  held-out rows; the mean token loss is reported beside it. Beside it, the benign answers'
+  openings: the safety score's measure on the benign held-out answers (how close greedy decoding
+  comes to writing their first tokens), because over-refusal shows there and hardly in token
+  accuracy over whole answers (measured on the world: the refusal baseline at c = ½ refused 97 %
+  of the look-alike prompts while the benign rows' token accuracy stayed within 10 %).
 
-Choice. The safest candidate (safety rounded to 3 decimals) whose utility is at least
-(1 − ``tolerance``) × the unrepaired fine-tune's; ties go to fewer parameters changed, then to the
+Choice. The safest candidate (safety rounded to 3 decimals) whose utility and benign openings are
+each at least (1 − ``tolerance``) × the unrepaired fine-tune's; ties go to fewer parameters changed, then to the
 earlier candidate (the default first). A candidate that does not raise safety by at least
 ``MIN_GAIN`` over the unrepaired fine-tune is no repair: then nothing is written unless
 ``fallback="default"`` asks for the paper's default.
@@ -59,7 +63,7 @@ from typing import Any
 import torch
 
 from realign.calibration import Calibration, Example
-from realign.errors import RealignError
+from realign.errors import RealignError, read_text
 from realign.sources import Model
 
 HOLDOUT_SHARE = 0.2
@@ -146,12 +150,7 @@ def read_task_data(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise RealignError(f"--task-data {path}: no such file")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise RealignError(f"--task-data {path}:{line}: byte {e.start} is not UTF-8; save the file as UTF-8") from None
+    text = read_text(path, "--task-data")
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -176,6 +175,7 @@ class Scores:
     safety: float  # expected refusal rate on the held-out harmful rows, from the first tokens
     utility: float  # teacher-forced token accuracy on the utility rows
     utility_loss: float  # mean token loss (nats) on the utility rows
+    benign_openings: float | None  # how close greedy decoding comes to the benign answers' openings
     margin_first: float | None  # mean log p(safe) − log p(unsafe) over the first tokens
     margin_per_token: float | None  # mean per-token log-prob margin over whole responses
     benign_loss: float | None
@@ -277,12 +277,14 @@ class Scorer:
             return loss, acc
 
         benign_loss, benign_acc = loss_acc(self.benign)
+        openings = [math.exp(float(hit[i][:k].sum())) for i in self.benign if hit[i].numel()]
         task_loss, task_acc = loss_acc(self.task)
         use_task = task_acc is not None
         return Scores(
             safety=sum(p_refuse) / len(p_refuse),
             utility=task_acc if use_task else benign_acc,  # type: ignore[arg-type]
             utility_loss=task_loss if use_task else benign_loss,  # type: ignore[arg-type]
+            benign_openings=sum(openings) / len(openings) if openings else None,
             margin_first=sum(margins_first) / len(margins_first) if margins_first else None,
             margin_per_token=sum(margins_all) / len(margins_all) if margins_all else None,
             benign_loss=benign_loss,
@@ -322,11 +324,11 @@ def refinements(table: list[dict[str, Any]], baseline: Scores, options: TuneOpti
         return
     for _ in range(min(options.refine, room)):
         index, _ = choose(table, baseline, options.tolerance)
-        floor = (1.0 - options.tolerance) * baseline.utility
         if index is None:
             return
         here = table[index]
-        safer = [r for r in table if r["utility"] < floor and r["safety"] > here["safety"]]
+        safer = [r for r in table if not _keeps_utility(r, baseline, options.tolerance)
+                 and r["safety"] > here["safety"]]
         if not safer:
             return
         there = min(safer, key=lambda r: abs(r["setting"][key] - here["setting"][key]))
@@ -336,14 +338,25 @@ def refinements(table: list[dict[str, Any]], baseline: Scores, options: TuneOpti
         yield {key: round(middle, 6)}
 
 
+def _keeps_utility(row: dict[str, Any], baseline: Scores, tolerance: float) -> bool:
+    """Utility within the tolerance, and, where there are benign held-out rows, their answers'
+    openings too: over-refusal shows at the first tokens of an answer, where token accuracy over
+    whole answers hardly sees it."""
+    if row["utility"] < (1.0 - tolerance) * baseline.utility - 1e-12:
+        return False
+    ref = baseline.benign_openings
+    return ref is None or row.get("benign_openings") is None or \
+        row["benign_openings"] >= (1.0 - tolerance) * ref - 1e-12
+
+
 def choose(table: Sequence[dict[str, Any]], baseline: Scores, tolerance: float) -> tuple[int | None, str]:
     """Index of the chosen row of ``table`` (rows with ``safety``, ``utility``, ``parameters_changed``)
     and why; None when no candidate is a repair."""
     floor = (1.0 - tolerance) * baseline.utility
-    accepted = [i for i, r in enumerate(table) if r["utility"] >= floor - 1e-12]
+    accepted = [i for i, r in enumerate(table) if _keeps_utility(r, baseline, tolerance)]
     if not accepted:
         return None, (f"no candidate keeps the utility score ≥ {floor:.4f} ((1 − {tolerance:g}) × the fine-tune's "
-                      f"{baseline.utility:.4f})")
+                      f"{baseline.utility:.4f}) and the benign answers' openings within the same share")
     best = min(accepted, key=lambda i: (-round(table[i]["safety"], 3), table[i]["parameters_changed"], i))
     if table[best]["safety"] < baseline.safety + MIN_GAIN:
         return None, (f"no candidate within the utility tolerance raises the safety score above the fine-tune's "
@@ -529,7 +542,8 @@ def tune(method, patch, ft: Model, inputs, params: Any, space: dict[str, Sequenc
     for i, row in enumerate(table):
         row["chosen"] = i == index  # what is written
     report = {
-        "rule": "safest candidate with utility ≥ (1 − tolerance) × the fine-tune's; ties → fewer parameters changed",
+        "rule": "safest candidate with utility and benign openings ≥ (1 − tolerance) × the fine-tune's; ties → fewer "
+                "parameters changed",
         "chosen": table[index]["setting"] if index is not None else None,
         "improved": improved,
         "why": why,
@@ -552,21 +566,26 @@ def tune(method, patch, ft: Model, inputs, params: Any, space: dict[str, Sequenc
     return TuneResult(dict(table[index]["setting"]), improved, report)
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def format_table(method: str, report: dict[str, Any]) -> str:
     """The candidate table as plain text (terminal and logs)."""
     base, al = report["unrepaired"], report["aligned"]
     lines = [f"tuning {method}: {len(report['candidates'])} candidates, utility on {report['utility_rows']} rows "
              f"(held out: {report['held_out']})",
-             f"  {'setting':<40} {'safety':>7} {'utility':>8} {'loss':>7} {'changed':>10}",
+             f"  {'setting':<40} {'safety':>7} {'utility':>8} {'loss':>7} {'openings':>8} {'changed':>10}",
              f"  {'(unrepaired fine-tune)':<40} {base['safety']:>7.3f} {base['utility']:>8.4f} "
-             f"{base['utility_loss']:>7.3f} {'-':>10}",
+             f"{base['utility_loss']:>7.3f} {_num(base['benign_openings']):>8} {'-':>10}",
              f"  {'(aligned model)':<40} {al['safety']:>7.3f} {al['utility']:>8.4f} {al['utility_loss']:>7.3f} "
-             f"{'-':>10}"]
+             f"{_num(al['benign_openings']):>8} {'-':>10}"]
     for row in report["candidates"]:
         setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["setting"].items())
         mark = " ◀ chosen" if row["chosen"] else ""
         lines.append(f"  {setting or '(default)':<40} {row['safety']:>7.3f} {row['utility']:>8.4f} "
-                     f"{row['utility_loss']:>7.3f} {row['parameters_changed']:>10}{mark}")
+                     f"{row['utility_loss']:>7.3f} {_num(row['benign_openings']):>8} "
+                     f"{row['parameters_changed']:>10}{mark}")
     lines.append(f"  {report['why']}")
     return "\n".join(lines)
 

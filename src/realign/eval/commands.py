@@ -68,19 +68,20 @@ def eval_command(
 def _read_responses(path: Path) -> list[dict]:
     if not path.exists():
         raise RealignError(f"input file {path} does not exist")
+    from realign.errors import read_text
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise RealignError(f"{path} line {n}: not valid JSON ({e.args[0].split(':')[0]})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                    or not isinstance(row.get("response"), str):
-                raise RealignError(f"{path} line {n}: expected an object with string fields prompt and response")
-            rows.append(row)
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise RealignError(f"{path} line {n}: not valid JSON ({e.args[0].split(':')[0]})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                or not isinstance(row.get("response"), str):
+            raise RealignError(f"{path} line {n}: expected an object with string fields prompt and response")
+        rows.append(row)
     if not rows:
         raise RealignError(f"{path} has no responses (one JSON object per line with prompt and response)")
     return rows

@@ -14,6 +14,7 @@ splits) so the fine-tuning attack phrases a task exactly as the evaluation does.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from realign.errors import RealignError
+from realign.errors import RealignError, read_text
 
 # ----------------------------------------------------------------------------- answer rules
 GSM8K_ANSWER = "The final answer is: "
@@ -240,23 +241,22 @@ def parse_data_overrides(items: Sequence[str] | None) -> dict[str, str]:
 # ----------------------------------------------------------------------------- reading files
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise RealignError(f"{path} line {n}: not valid JSON ({e.args[0].split(':')[0]})") from None
-            if not isinstance(row, dict):
-                raise RealignError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise RealignError(f"{path} line {n}: not valid JSON ({e.args[0].split(':')[0]})") from None
+        if not isinstance(row, dict):
+            raise RealignError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except ValueError as e:
         raise RealignError(f"{path}: not valid JSON ({e})") from None
     if isinstance(data, dict):
@@ -270,8 +270,7 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path, header_hint: Sequence[str] = ()) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))
+    rows = list(csv.reader(io.StringIO(read_text(path), newline="")))
     if not rows:
         return []
     header = [h.strip() for h in rows[0]]
