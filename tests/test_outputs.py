@@ -207,3 +207,16 @@ def test_outputs_never_ask_for_remote_code(work):
     assert "auto_map" not in out and "trust_remote_code" not in out
     notes = json.loads((work / "out" / "realign.json").read_text())["report"]["notes"]
     assert any("auto_map" in n for n in notes)
+
+
+def test_the_demo_directory_is_reused_and_foreign_ones_refused(work):
+    from realign.demo import _demo_dir
+
+    (work / "d").mkdir()
+    (work / "d" / "summary.json").write_text("[]")
+    (work / "d" / "world").mkdir()
+    assert _demo_dir(work / "d") == (work / "d").resolve()  # an earlier demo: reused
+    assert_refused(["demo", "--out", "notes.txt", "--size", "small"], work, "is a file")
+    (work / "mine").mkdir()
+    (work / "mine" / "thesis.tex").write_text("x")
+    assert_refused(["demo", "--out", "mine", "--size", "small"], work, "did not write")

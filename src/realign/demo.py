@@ -128,7 +128,7 @@ def _demo_dir(out: str | Path) -> Path:
     directory holding anything the demo did not write."""
     from realign.outputs import check_output
 
-    target = check_output(out, force=True, kind="file")
+    target = check_output(out, kind="tree")
     if target.is_file():
         raise RealignError(f"--out {out} is a file: give a directory for the demo")
     foreign = sorted(p.name for p in target.iterdir() if p.name not in DEMO_ENTRIES) if target.is_dir() else []

@@ -64,7 +64,8 @@ def check_output(out: PathLike, inputs: Iterable[Path] = (), force: bool = False
                  flag: str = "--out") -> Path:
     """Resolve ``out`` and refuse it (one line, nothing touched) when writing it could destroy an
     input or the working directory. ``kind`` is ``dir`` (replaced as a whole: ``--force`` rules
-    apply) or ``file`` (a results file, replaced atomically)."""
+    apply), ``file`` (a results file, replaced atomically) or ``tree`` (a directory that a command
+    adds to, such as the demo's: only the rules about inputs and the working directory)."""
     target = _resolved(out)
     cwd = Path.cwd().resolve()
     if _inside(cwd, target):

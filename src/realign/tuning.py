@@ -53,6 +53,7 @@ import itertools
 import json
 import math
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -236,7 +237,7 @@ class Scorer:
 
         device = next(model.parameters()).device
         logp: list[torch.Tensor] = [torch.empty(0)] * len(self.encoded)
-        hit: list[torch.Tensor] = [torch.empty(0)] * len(self.encoded)
+        gap: list[torch.Tensor] = [torch.empty(0)] * len(self.encoded)
         bs = self.options.batch_size
         for start in range(0, len(self.order), bs):
             idx = self.order[start:start + bs]
@@ -251,17 +252,17 @@ class Scorer:
                 target = ids[row, p:n]
                 step = logits[row, p - 1:n - 1]
                 logp[i] = step.gather(1, target.unsqueeze(1)).squeeze(1)
-                hit[i] = logp[i] - step.max(-1).values
-        return logp, hit
+                gap[i] = logp[i] - step.max(-1).values
+        return logp, gap
 
     def score(self, model) -> Scores:
-        logp, hit = self._token_stats(model)
+        logp, gap = self._token_stats(model)
         k = self.options.first_tokens
         p_refuse, margins_first, margins_all = [], [], []
         for i in self.safe:
             # how close greedy decoding comes to writing a known refusal opening, in its best wording:
             # exp(Σ_t log p(token_t) − log p(greedy choice_t)), 1 when greedy writes it exactly
-            path = max(float(hit[s][:k].sum()) if hit[s].numel() else -math.inf for s in [i, *self.alternatives[i]])
+            path = max(float(gap[s][:k].sum()) if gap[s].numel() else -math.inf for s in [i, *self.alternatives[i]])
             p_refuse.append(math.exp(path))
             j = self.pairs.get(i)
             if j is not None and logp[i].numel() and logp[j].numel():
@@ -273,11 +274,11 @@ class Scorer:
             if not tokens:
                 return None, None
             loss = -sum(float(logp[i].sum()) for i in rows) / tokens
-            acc = sum(int((hit[i] == 0).sum()) for i in rows) / tokens
+            acc = sum(int((gap[i] == 0).sum()) for i in rows) / tokens
             return loss, acc
 
         benign_loss, benign_acc = loss_acc(self.benign)
-        openings = [math.exp(float(hit[i][:k].sum())) for i in self.benign if hit[i].numel()]
+        openings = [math.exp(float(gap[i][:k].sum())) for i in self.benign if gap[i].numel()]
         task_loss, task_acc = loss_acc(self.task)
         use_task = task_acc is not None
         return Scores(
@@ -482,8 +483,6 @@ def tune(method, patch, ft: Model, inputs, params: Any, space: dict[str, Sequenc
          log: Callable[[str], None] | None = None) -> TuneResult:
     """Score every candidate setting of ``space`` on ``ft`` and choose one (module docstring).
     ``build(overrides)`` makes the method's parameters for a candidate."""
-    import time
-
     from realign.progress import progress
     from realign.prompts import resolve_template
 
@@ -549,7 +548,7 @@ def tune(method, patch, ft: Model, inputs, params: Any, space: dict[str, Sequenc
         "why": why,
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
         "held_out": {"harmful": len(scorer.safe), "pairs": len(scorer.pairs), "benign": len(scorer.benign),
-                     "task": len(scorer.task), "task_rows_dropped_as_harmful": dropped},
+                     "task": len(scorer.task)},
         "task_rows_dropped_as_harmful": dropped,
         "utility_rows": "task" if scorer.task else "benign",
         "unrepaired": baseline.row(),
