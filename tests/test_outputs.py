@@ -220,3 +220,26 @@ def test_the_demo_directory_is_reused_and_foreign_ones_refused(work):
     (work / "mine").mkdir()
     (work / "mine" / "thesis.tex").write_text("x")
     assert_refused(["demo", "--out", "mine", "--size", "small"], work, "did not write")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "header"])
+def test_damaged_safetensors_are_one_line_for_inspect_and_repair(work, damage):
+    weights = work / "finetuned" / "model.safetensors"
+    data = weights.read_bytes()
+    if damage == "truncated":  # a copy cut short keeps its header
+        weights.write_bytes(data[: len(data) - 1000])
+        fragment = "truncated"
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00" * 64)
+        fragment = "not a readable safetensors file"
+    else:  # a header whose offsets do not fit the shapes
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size])
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["data_offsets"] = [0, 3]
+        raw = json.dumps(header).encode()
+        weights.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + size:])
+        fragment = "do not fit its shape"
+    assert_refused(["inspect", "finetuned"], work, fragment)
+    assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out"], work, fragment)
+    assert not (work / "out").exists()

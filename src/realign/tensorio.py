@@ -83,14 +83,28 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             header = json.loads(f.read(size))
     except (OSError, ValueError, struct.error) as e:
         raise RealignError(f"{path} is not a readable safetensors file ({e})") from None
+    if not isinstance(header, dict):
+        raise RealignError(f"{path} is not a readable safetensors file (its header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
     base = 8 + size
     infos: dict[str, TensorInfo] = {}
-    for name, h in header.items():
-        if h["dtype"] not in DTYPES:
-            raise RealignError(f"{path}: tensor {name} has dtype {h['dtype']}, which realign does not handle")
-        begin, end = h["data_offsets"]
-        infos[name] = TensorInfo(name, h["dtype"], tuple(h["shape"]), path, base + begin, end - begin)
+    try:
+        for name, h in header.items():
+            if h["dtype"] not in DTYPES:
+                raise RealignError(f"{path}: tensor {name} has dtype {h['dtype']}, which realign does not handle")
+            begin, end = (int(x) for x in h["data_offsets"])
+            shape = tuple(int(d) for d in h["shape"])
+            if not 0 <= begin <= end or end - begin != math.prod(shape) * DTYPES[h["dtype"]].itemsize:
+                raise ValueError(f"tensor {name}: offsets {begin}..{end} do not fit its shape {list(shape)}")
+            infos[name] = TensorInfo(name, h["dtype"], shape, path, base + begin, end - begin)
+    except (KeyError, TypeError, ValueError) as e:
+        raise RealignError(f"{path} is not a readable safetensors file ({e})") from None
+    # A truncated download or copy keeps its header: check that every tensor's bytes are there.
+    needed = base + max((i.start - base + i.nbytes for i in infos.values()), default=0)
+    actual = path.stat().st_size
+    if actual < needed:
+        raise RealignError(f"{path} is truncated: its header needs {needed} bytes, the file has {actual}; download "
+                           "or copy it again")
     return infos, meta
 
 
