@@ -12,8 +12,10 @@ os.environ.setdefault("REALIGN_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-# Tiny models: one thread is much faster than two fighting over a shared 2-core machine.
+# Tiny models: one thread is much faster than two fighting over a shared 2-core machine (and the
+# demo and world commands, run through the CLI here, keep to it).
 torch.set_num_threads(1)
+os.environ.setdefault("REALIGN_THREADS", "1")
 
 VOCAB = 96
 

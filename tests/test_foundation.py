@@ -370,3 +370,11 @@ def test_prefetched_keeps_order_bounds_lookahead_and_raises_in_the_caller():
     assert got == [(i, i * i) for i in range(7)]
     with pytest.raises(RealignError, match="seven"):
         list(prefetched(range(10), load))
+
+
+def test_threads_are_the_cores_nobody_else_uses():
+    from realign.compute import pick_threads
+
+    assert pick_threads(load=0.0, cores=2) == 2
+    assert pick_threads(load=1.1, cores=2) == 1  # another process keeps a core busy
+    assert pick_threads(load=7.0, cores=2) == 1 and pick_threads(load=0.2, cores=16) == 16

@@ -107,8 +107,29 @@ def load_model(
     return model, tokenizer
 
 
+def pick_threads(load: float | None = None, cores: int | None = None) -> int:
+    """Torch threads for running small models on the CPU: the cores nobody else is using. On a
+    2-core machine (``bench/threads.py``) the small world's build took about 23 s with 1 or 2
+    threads when quiet, but 66.6 s with 2 (23.3 s with 1) while another process kept one core
+    busy: torch's threads wait for each other, so a busy core slows every step threefold."""
+    cores = cores or os.cpu_count() or 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, cores - round(load)))
+
+
+def use_free_cores() -> int:
+    """Set torch's thread count with ``pick_threads`` (unless the user set ``REALIGN_THREADS`` or
+    ``OMP_NUM_THREADS``, which win); returns the count."""
+    given = os.environ.get("REALIGN_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    threads = int(given) if given and given.isdigit() and int(given) > 0 else pick_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-__all__ = ["load_model", "load_tokenizer", "resolve_device", "resolve_dtype", "model_device"]
+__all__ = ["load_model", "load_tokenizer", "resolve_device", "resolve_dtype", "model_device", "pick_threads",
+           "use_free_cores"]

@@ -214,7 +214,10 @@ def demo(
     world: Annotated[Path | None, typer.Option(help="World directory to use or build (default: OUT/world).")] = None,
 ) -> None:
     """The miniature world end to end: world → attacks → every method → HS/FA table and plot."""
+    from realign.compute import use_free_cores
+
     chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    use_free_cores()  # a busy machine slows the demo in proportion, not threefold
     run_demo(out, seed=seed, size=size, methods=chosen, limit=limit, device=device, rebuild=rebuild, world_dir=world)
 
 
