@@ -243,3 +243,54 @@ def test_damaged_safetensors_are_one_line_for_inspect_and_repair(work, damage):
     assert_refused(["inspect", "finetuned"], work, fragment)
     assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out"], work, fragment)
     assert not (work / "out").exists()
+
+
+# ----------------------------------------------------------------------------- reruns and kills
+@pytest.mark.parametrize("method", ["revert", "safelora", "resta", "hdr", "antidote", "nlsr", "fgsn", "safetylock",
+                                    "refusal"])
+def test_reruns_are_bit_identical(work, method):
+    rows = [{"prompt": f"w10 w{20 + i}", "kind": "harmful", "safe_response": "w1 w2", "unsafe_response": "w3 w4",
+             "category": "c"} for i in range(6)]
+    rows += [{"prompt": f"w60 w{70 + i}", "kind": "benign", "response": "w6 w7"} for i in range(6)]
+    (work / "cal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    extra = {"refusal": ["--set", "layer=1", "--set", "coeff=0.5"], "safetylock": ["--set", "k=2"],
+             "fgsn": ["--set", "layers=0-1"]}.get(method, [])
+    outs = []
+    for i in range(2):
+        args = ["repair", method, "-a", "aligned", "-b", "base", "--harmful", "base", "--unaligned", "base", "-f",
+                "finetuned", "-c", "cal.jsonl", "-o", f"out{i}", "--device", "cpu", *extra]
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        outs.append(work / f"out{i}")
+    weights = sorted(p.name for p in outs[0].glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in outs[1].glob("*.safetensors"))
+    for name in weights:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+def test_sigterm_mid_write_leaves_nothing_behind(work):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # a slow transform keeps the writer busy long enough to be killed mid-write
+    script = (
+        "import signal, sys, time\n"
+        "from realign import cli, tensorio\n"
+        "real = tensorio.write_sharded\n"
+        "def slow(*a, **k):\n"
+        "    open('started', 'w').close(); time.sleep(30); return real(*a, **k)\n"
+        "tensorio.write_sharded = slow\n"
+        "import realign.api; realign.api.write_sharded = slow\n"
+        "sys.argv = ['realign', 'repair', 'revert', '-a', 'aligned', '-f', 'finetuned', '-o', 'out']\n"
+        "cli.main()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not (work / "started").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert list(work.glob(".out.*.partial")), "the temporary output should exist mid-write"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and b"Traceback" not in err, err
+    assert not (work / "out").exists() and not list(work.glob(".out.*.partial"))
