@@ -244,15 +244,17 @@ class Scorer:
             batch = [self.encoded[i] for i in idx]
             ids, attn = padded(batch, self.pad)
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits
-            logits = logits.float().log_softmax(-1).cpu()
             for row, (i, e) in enumerate(zip(idx, batch, strict=True)):
                 p, n = e.prompt_len, len(e.input_ids)
                 if n <= p:
                     continue
-                target = ids[row, p:n]
-                step = logits[row, p - 1:n - 1]
-                logp[i] = step.gather(1, target.unsqueeze(1)).squeeze(1)
-                gap[i] = logp[i] - step.max(-1).values
+                # only the response positions, one row at a time: a 128k vocabulary × a whole batch in
+                # float32 would take gigabytes
+                step = logits[row, p - 1:n - 1].float().log_softmax(-1)
+                target = ids[row, p:n].to(step.device)
+                chosen = step.gather(1, target.unsqueeze(1)).squeeze(1)
+                logp[i] = chosen.cpu()
+                gap[i] = (chosen - step.max(-1).values).cpu()
         return logp, gap
 
     def score(self, model) -> Scores:
