@@ -294,3 +294,16 @@ def test_sigterm_mid_write_leaves_nothing_behind(work):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and b"Traceback" not in err, err
     assert not (work / "out").exists() and not list(work.glob(".out.*.partial"))
+
+
+@pytest.mark.parametrize(("model", "value"), [("finetuned", float("nan")), ("aligned", float("inf"))])
+def test_non_finite_weights_in_an_input_are_refused_before_work(work, model, value):
+    from safetensors.torch import load_file, save_file
+
+    path = work / model / "model.safetensors"
+    tensors = load_file(str(path))
+    name = sorted(tensors)[3]
+    tensors[name].view(-1)[0] = value
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out"], work, name, "NaN or infinite")
+    assert not (work / "out").exists()

@@ -29,7 +29,7 @@ from realign.methods.base import Edit, Inputs, Method, Patch, build_params, para
 from realign.outputs import check_output, input_paths
 from realign.progress import progress
 from realign.prompts import check_template
-from realign.sources import Model, TensorStore, check_same_shapes, load_model, weights_sha256
+from realign.sources import Model, TensorStore, check_finite, check_same_shapes, load_model, weights_sha256
 from realign.tensorio import OutTensor, dtype_name, parse_size, write_sharded
 from realign.tuning import HELDOUT_FILE, TuneOptions, edited_tensor, heldout_bytes, split_heldout, tune
 from realign.writer import (
@@ -107,6 +107,9 @@ def _make_inputs(method: Method, aligned, base, calibration, harmful, unaligned,
     for other in (inputs.base, inputs.harmful, inputs.unaligned):
         if other is not None:
             check_same_shapes(aligned_m, other, "input")
+    for model in (aligned_m, inputs.base, inputs.harmful, inputs.unaligned):
+        if model is not None:
+            check_finite(model)  # before any work; the provenance hashes reuse this read
     return inputs, notes
 
 
@@ -331,6 +334,7 @@ def apply(
     if ft is None:
         raise RealignError("--finetuned MODEL is required")
     check_same_shapes(inputs.aligned, ft)
+    check_finite(ft)
     options = tune if isinstance(tune, TuneOptions) else TuneOptions() if tune else None
     if options is not None:
         options.check()
@@ -415,6 +419,7 @@ def repair(
     if ft is None:
         raise RealignError("--finetuned MODEL is required")
     check_same_shapes(inputs.aligned, ft)
+    check_finite(ft)
     check_output(out, _paths_read(inputs, ft), force=force)
     start = time.perf_counter()
     patch = _prepared(m, inputs, p, notes, start)

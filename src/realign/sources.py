@@ -442,32 +442,69 @@ def check_same_shapes(a: Model, b: Model, what: str = "fine-tuned") -> None:
 _HASH_CACHE = Path(os.environ.get("REALIGN_CACHE", "~/.cache/realign")).expanduser() / "sha256.json"
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, cached by (path, size, mtime) so large checkpoints are hashed once."""
+def _scan(path: Path) -> tuple[str, str | None]:
+    """(sha256 of the file, the first tensor holding NaN or ∞ or None), in one read: a safetensors
+    file is hashed tensor by tensor, and each floating tensor is checked on the way."""
+    h = hashlib.sha256()
+    bad: str | None = None
+    with open(path, "rb") as f:
+        if path.suffix != ".safetensors":
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+            return h.hexdigest(), None
+        infos, _ = read_header(path)
+        pos = 0
+        for info in sorted(infos.values(), key=lambda i: i.start):
+            if info.start > pos:  # the header, and any bytes between tensors
+                h.update(f.read(info.start - pos))
+            raw = f.read(info.nbytes)
+            h.update(raw)
+            pos = info.start + info.nbytes
+            if bad is None and info.torch_dtype.is_floating_point and raw:
+                values = torch.frombuffer(bytearray(raw), dtype=info.torch_dtype)
+                if not bool(torch.isfinite(values).all()):
+                    bad = info.name
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest(), bad
+
+
+def _scanned(path: Path) -> tuple[str, str | None]:
+    """``_scan``, cached by (path, size, mtime) so large checkpoints are read once."""
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache: dict[str, str] = {}
     try:
         cache = json.loads(_HASH_CACHE.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key in cache:
-        return cache[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    digest = h.hexdigest()
-    cache[key] = digest
+    entry = cache.get(key)
+    if isinstance(entry, dict) and "sha256" in entry:
+        return entry["sha256"], entry.get("nonfinite")
+    digest, bad = _scan(path)
+    cache[key] = {"sha256": digest, "nonfinite": bad}
     try:
         _HASH_CACHE.parent.mkdir(parents=True, exist_ok=True)
         tmp = _HASH_CACHE.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cache))
         tmp.replace(_HASH_CACHE)
     except OSError:
-        pass  # a read-only home only costs re-hashing
-    return digest
+        pass  # a read-only home only costs reading again
+    return digest, bad
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file, cached by (path, size, mtime) so large checkpoints are hashed once."""
+    return _scanned(path)[0]
+
+
+def check_finite(model: Model) -> None:
+    """Refuse a model with NaN or ∞ in its weights (the same read as the provenance hashes, cached)."""
+    for path in model.weight_files:
+        bad = _scanned(path)[1]
+        if bad is not None:
+            raise RealignError(f"{model.ref}: tensor {bad} in {path.name} holds NaN or infinite values; a repair would "
+                               "copy them into the output: fix or re-download the model")
 
 
 def weights_sha256(model: Model) -> dict[str, str]:
