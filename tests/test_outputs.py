@@ -307,3 +307,33 @@ def test_non_finite_weights_in_an_input_are_refused_before_work(work, model, val
     save_file(tensors, str(path), metadata={"format": "pt"})
     assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out"], work, name, "NaN or infinite")
     assert not (work / "out").exists()
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs (full before the tiny model fits) and a read-only one; skipped where this user
+    cannot mount."""
+    import subprocess
+
+    full, readonly = tmp_path / "full", tmp_path / "readonly"
+    full.mkdir()
+    readonly.mkdir()
+    mounted = []
+    try:
+        for path, opts in ((full, "size=64k"), (readonly, "ro,size=64k")):
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:80]})")
+            mounted.append(path)
+        yield full, readonly
+    finally:
+        for path in mounted:
+            subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_full_and_read_only_disks_are_one_line_and_leave_nothing(work, small_disk):
+    full, readonly = small_disk
+    for target, fragment in ((full, "not enough disk space"), (readonly, "Read-only")):
+        assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", str(target / "out")], work,
+                       fragment)
+        assert not list(target.iterdir()), list(target.iterdir())
