@@ -337,3 +337,40 @@ def test_full_and_read_only_disks_are_one_line_and_leave_nothing(work, small_dis
         assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", str(target / "out")], work,
                        fragment)
         assert not list(target.iterdir()), list(target.iterdir())
+
+
+@pytest.mark.parametrize(("key", "value"), [("num_hidden_layers", -1), ("num_attention_heads", 0),
+                                            ("hidden_size", "32"), ("num_key_value_heads", 3),
+                                            ("num_hidden_layers", 10**30), ("intermediate_size", 1.5)])
+def test_config_numbers_out_of_range_are_one_line(work, key, value):
+    cfg = json.loads((work / "finetuned" / "config.json").read_text())
+    cfg[key] = value
+    (work / "finetuned" / "config.json").write_text(json.dumps(cfg))
+    assert_refused(["inspect", "finetuned"], work, "config")
+    assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out"], work, "config")
+
+
+def test_mismatched_models_are_one_line(work):
+    from conftest import save_tiny
+
+    save_tiny(work / "wide", hidden=48)
+    assert_refused(["repair", "revert", "-a", "aligned", "-f", "wide", "-o", "out"], work, "does not match")
+    assert_refused(["repair", "resta", "-a", "aligned", "--unaligned", "wide", "-f", "finetuned", "-o", "out"], work,
+                   "does not match")
+    # an adapter put on a base it was not trained for
+    assert_refused(["repair", "revert", "-a", "aligned", "-f", "lora", "--finetuned-base", "wide", "-o", "out"],
+                   work, "lora")
+    assert not (work / "out").exists()
+
+
+@pytest.mark.parametrize(("line", "fragment"), [
+    ('{"prompt": "w1", "kind": "harmful"', "cal.jsonl:2: not valid JSON"),
+    ('{"prompt": "w1", "kind": "evil"}', "cal.jsonl:2: 'kind' must be"),
+    ('{"prompt": "", "kind": "benign"}', "cal.jsonl:2: 'prompt' must be"),
+    ('{"prompt": "w1", "kind": "benign", "response": 5}', "cal.jsonl:2: 'response' must be a string"),
+    ('[1, 2]', "cal.jsonl:2: expected a JSON object"),
+])
+def test_malformed_calibration_lines_are_one_line(work, line, fragment):
+    (work / "cal.jsonl").write_text('{"prompt": "w1 w2", "kind": "harmful", "safe_response": "w3"}\n' + line + "\n")
+    assert_refused(["prepare", "refusal", "-a", "aligned", "-c", "cal.jsonl", "-o", "p"], work, fragment)
+    assert not (work / "p").exists()

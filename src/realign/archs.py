@@ -122,6 +122,15 @@ def arch_from_config(config: dict[str, Any]) -> Arch:
     if not (layers and heads and hidden):
         raise RealignError(f"config of family {family!r} lacks num_hidden_layers/num_attention_heads/hidden_size")
     kv_heads = _get(config, "num_key_value_heads") or heads
+    for key, value in (("num_hidden_layers", layers), ("num_attention_heads", heads), ("hidden_size", hidden),
+                       ("num_key_value_heads", kv_heads), ("head_dim", _get(config, "head_dim") or 1),
+                       ("intermediate_size", _get(config, "intermediate_size") or 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 1 << 24:
+            raise RealignError(f"config of family {family!r}: {key} = {value!r} is not a positive whole number in "
+                               "range; is the config.json damaged?")
+    if heads % kv_heads:
+        raise RealignError(f"config of family {family!r}: {heads} attention heads are not a multiple of {kv_heads} "
+                           "key/value heads; is the config.json damaged?")
     # Never assume hidden/heads when the config says otherwise (Gemma, Mistral-Nemo, Qwen3).
     head_dim = _get(config, "head_dim") or hidden // heads
     return Arch(
