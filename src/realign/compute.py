@@ -7,6 +7,7 @@ Weight surgery never comes here: it runs tensor by tensor on the files (see ``so
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -108,14 +109,36 @@ def load_model(
 
 
 def pick_threads(load: float | None = None, cores: int | None = None) -> int:
-    """Torch threads for running small models on the CPU: the cores nobody else is using. On a
+    """Torch threads for running small models on the CPU: the cores nobody else is using now. On a
     2-core machine (``bench/threads.py``) the small world's build took about 23 s with 1 or 2
     threads when quiet, but 66.6 s with 2 (23.3 s with 1) while another process kept one core
     busy: torch's threads wait for each other, so a busy core slows every step threefold."""
     cores = cores or os.cpu_count() or 1
     if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        load = busy_cores()
     return max(1, min(cores, cores - round(load)))
+
+
+def busy_cores(seconds: float = 0.3) -> float:
+    """Cores busy right now with other work, from two readings of /proc/stat (we sleep between
+    them, so our own process does not count); the 1-minute load average where /proc is missing,
+    which also remembers work that has just ended."""
+    def ticks() -> tuple[int, int] | None:
+        try:
+            fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    first = ticks()
+    if first is None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    time.sleep(seconds)
+    second = ticks()
+    assert second is not None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return (os.cpu_count() or 1) * (total - idle) / total if total > 0 else 0.0
 
 
 def use_free_cores() -> int:
