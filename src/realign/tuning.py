@@ -25,9 +25,9 @@ fine-tune and one of the aligned model):
   held-out refusal openings, so a model that refuses in another wording still counts. The score is
   the mean over rows, in [0, 1]. Measured against generation on the world (``bench/tuning.py``),
   two simpler scores failed: sigmoid(log p(safe) − log p(unsafe)) scored models steered into
-  "I I I I" safest (ρ ≈ −0.2 against generated HS for the refusal baseline), and multiplying it by
-  the row's own opening's probability mis-ranked RESTA (ρ ≈ 0 to −0.5). The margins over the first
-  tokens and per token over whole responses are reported too.
+  "I I I I" safest (ρ −0.23 / −0.19 against generated HS for the refusal baseline), and
+  multiplying it by the probability of the row's own opening mis-ranked RESTA (ρ −0.50 / −0.57).
+  The margins over the first tokens and per token over whole responses are reported too.
 - utility: teacher-forced token accuracy (the share of response tokens that are the model's own
   greedy choice) on the fine-tune's task rows (``task_data``) when given, else on the benign
   held-out rows; the mean token loss is reported beside it. Beside it, the benign answers'
