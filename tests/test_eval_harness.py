@@ -202,11 +202,11 @@ def test_cli_errors_are_one_line(app, chat_model_dir, data_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n')
     line = one_line_error(runner.invoke(app, ["judge", "--input", str(bad), "--out", str(tmp_path / "v.jsonl")]))
-    assert "line 2" in line and str(bad) in line
+    assert f"{bad}:2:" in line
     assert not (tmp_path / "v.jsonl").exists()
     missing_field = tmp_path / "mf.jsonl"
     missing_field.write_text('{"prompt": "a"}\n')
-    assert "line 1" in one_line_error(runner.invoke(app, ["judge", "--input", str(missing_field), "--out",
+    assert ":1:" in one_line_error(runner.invoke(app, ["judge", "--input", str(missing_field), "--out",
                                                           str(tmp_path / "v.jsonl")]))
     assert "does not exist" in one_line_error(runner.invoke(app, ["judge", "--input", str(tmp_path / "nope.jsonl"),
                                                                   "--out", str(tmp_path / "v.jsonl")]))

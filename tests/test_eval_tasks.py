@@ -131,7 +131,7 @@ def test_hexphi_from_a_directory_of_headerless_csvs(tmp_path):
 def test_bad_local_files_are_one_line_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
-    with pytest.raises(RealignError, match="line 2: not valid JSON"):
+    with pytest.raises(RealignError, match=":2: not valid JSON"):
         load_suite("advbench", {"advbench": str(bad)})
     (tmp_path / "nocol.csv").write_text("words,stars\nnice,5\n")
     with pytest.raises(RealignError, match=r"no text column .* it has words, stars"):

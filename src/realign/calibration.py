@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from realign.errors import RealignError
+from realign.errors import RealignError, decode_utf8, json_lines
 
 KINDS = ("harmful", "benign")
 FIELDS = ("prompt", "kind", "safe_response", "unsafe_response", "response", "category")
@@ -128,19 +128,8 @@ def load_calibration(path: str | Path) -> Calibration:
         raise RealignError(f"calibration file {path} does not exist")
     data = path.read_bytes()
     examples: list[Example] = []
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise RealignError(f"{path}:{line}: byte {e.start} is not UTF-8; save the calibration file as UTF-8") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise RealignError(f"{path}:{lineno}: not valid JSON ({e.args[0].split(':')[0]})") from None
-        ex = _normalise(row, f"{path}:{lineno}")
+    for where, row in json_lines(decode_utf8(data, path), str(path)):
+        ex = _normalise(row, where)
         if ex is not None:
             examples.append(ex)
     if not examples:

@@ -64,7 +64,7 @@ from typing import Any
 import torch
 
 from realign.calibration import Calibration, Example
-from realign.errors import RealignError, read_text
+from realign.errors import RealignError, json_lines, read_text
 from realign.sources import Model
 
 HOLDOUT_SHARE = 0.2
@@ -151,19 +151,11 @@ def read_task_data(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise RealignError(f"--task-data {path}: no such file")
-    text = read_text(path, "--task-data")
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise RealignError(f"--task-data {path}:{n}: not valid JSON ({e.args[0].split(':')[0]})") from None
+    for where, row in json_lines(read_text(path, "--task-data"), f"--task-data {path}"):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip() \
                 or not isinstance(row.get("response"), str) or not row["response"].strip():
-            raise RealignError(f"--task-data {path}:{n}: expected an object with non-empty string fields prompt and "
-                               "response")
+            raise RealignError(f"{where}: expected an object with non-empty string fields prompt and response")
         rows.append((row["prompt"], row["response"]))
     if not rows:
         raise RealignError(f"--task-data {path} has no rows (one JSON object with prompt and response per line)")

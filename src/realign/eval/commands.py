@@ -68,19 +68,13 @@ def eval_command(
 def _read_responses(path: Path) -> list[dict]:
     if not path.exists():
         raise RealignError(f"input file {path} does not exist")
-    from realign.errors import read_text
+    from realign.errors import json_lines, read_text
 
     rows = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise RealignError(f"{path} line {n}: not valid JSON ({e.args[0].split(':')[0]})") from None
+    for where, row in json_lines(read_text(path), str(path)):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
                 or not isinstance(row.get("response"), str):
-            raise RealignError(f"{path} line {n}: expected an object with string fields prompt and response")
+            raise RealignError(f"{where}: expected an object with string fields prompt and response")
         rows.append(row)
     if not rows:
         raise RealignError(f"{path} has no responses (one JSON object per line with prompt and response)")

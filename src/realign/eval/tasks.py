@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from realign.errors import RealignError, read_text
+from realign.errors import RealignError, json_lines, read_text
 
 # ----------------------------------------------------------------------------- answer rules
 GSM8K_ANSWER = "The final answer is: "
@@ -241,15 +241,9 @@ def parse_data_overrides(items: Sequence[str] | None) -> dict[str, str]:
 # ----------------------------------------------------------------------------- reading files
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for n, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise RealignError(f"{path} line {n}: not valid JSON ({e.args[0].split(':')[0]})") from None
+    for where, row in json_lines(read_text(path), str(path)):
         if not isinstance(row, dict):
-            raise RealignError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+            raise RealignError(f"{where}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
 
