@@ -327,7 +327,9 @@ def refinements(table: list[dict[str, Any]], baseline: Scores, options: TuneOpti
         if not safer:
             return
         there = min(safer, key=lambda r: abs(r["setting"][key] - here["setting"][key]))
-        middle = (here["setting"][key] + there["setting"][key]) / 2
+        a, b = here["setting"][key], there["setting"][key]
+        # values a decade or more apart (a log-spaced grid): bisect on the log scale
+        middle = math.sqrt(a * b) if a > 0 and b > 0 and max(a, b) >= 10 * min(a, b) else (a + b) / 2
         if any(math.isclose(middle, r["setting"][key]) for r in table):
             return
         yield {key: round(middle, 6)}
