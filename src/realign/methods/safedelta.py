@@ -126,17 +126,18 @@ def kept_entries(loss: torch.Tensor, t: torch.Tensor, limit: float, drop: float)
     numel = d_out * count
     candidates = numel - math.floor(drop * numel)
     columns = torch.sort(t, stable=True).indices
-    running = torch.cumsum(loss.double().sum(0)[columns], 0)
-    full = int(torch.searchsorted(running, torch.tensor([limit], dtype=running.dtype), right=True))
+    running = torch.cumsum(loss.sum(0, dtype=torch.float64)[columns], 0)
+    full = int(torch.searchsorted(running, torch.tensor([limit], dtype=running.dtype, device=running.device),
+                                  right=True))
     taken = full * d_out
     if full < count:  # the head of the next column, entry by entry
         before = float(running[full - 1]) if full else 0.0
         partial = before + torch.cumsum(loss[:, columns[full]].double(), 0)
         taken += int((partial <= limit).sum())
     taken = min(taken, candidates)
-    mask = torch.zeros(count, d_out, dtype=torch.bool)
+    mask = torch.zeros(count, d_out, dtype=torch.bool, device=loss.device)
     mask.view(-1)[:taken] = True  # row j of this (column-major) view is column ``columns[j]``
-    out = torch.zeros(d_out, count, dtype=torch.bool)
+    out = torch.zeros(d_out, count, dtype=torch.bool, device=loss.device)
     out[:, columns] = mask.T
     return out
 
@@ -153,25 +154,28 @@ class ModuleResult:
 def safe_delta(w_a: torch.Tensor, w_f: torch.Tensor, u: torch.Tensor, s: float, drop: float = 0.15,
                block: int = 2048) -> ModuleResult:
     """One module's Safe Delta: the aligned weight with the cheap part of the fine-tune's update put
-    back and the rest compensated (float32 throughout; inputs are not modified)."""
-    w = w_a.to(torch.float32, copy=True)
-    w_f = w_f.to(torch.float32)
-    u = u.to(device=w.device, dtype=torch.float32)
+    back and the rest compensated (float32 arithmetic whatever the dtypes; inputs are not modified).
+    W_f is read a block at a time, so beyond U only W and block-sized temporaries are held."""
+    w = w_a.to(device=u.device, dtype=torch.float32, copy=True)
+    u = u.to(torch.float32)
     d_out, d_in = w.shape
     diag = torch.diagonal(u)
-    kept = 0
+    changed = kept = 0
     used = limit_total = 0.0
     for i1 in range(0, d_in, block):
         i2 = min(i1 + block, d_in)
+        f = w_f[:, i1:i2].to(device=w.device, dtype=torch.float32)
+        changed += int((f != w_a[:, i1:i2].to(device=w.device, dtype=torch.float32)).sum())
         d = diag[i1:i2]
         t = 1.0 / d.double() ** 2
         w1 = w[:, i1:i2]  # a view: the block is compensated in place
-        loss = (w_f[:, i1:i2] - w1) ** 2 / (d * d)
+        loss = (f - w1).square_().div_(d * d)
         limit = budget(t, s, d_out)
-        mask = kept_entries(loss, t, limit, drop).to(w.device)
-        kept += int((mask & (w_f[:, i1:i2] != w1)).sum())
-        used += float(loss.double()[mask].sum())
+        mask = kept_entries(loss, t, limit, drop)
+        kept += int((mask & (f != w1)).sum())
+        used += float(loss[mask].sum(dtype=torch.float64))
         limit_total += limit
+        del loss
         err = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         for j1 in range(0, i2 - i1, LAZY):
@@ -179,14 +183,13 @@ def safe_delta(w_a: torch.Tensor, w_f: torch.Tensor, u: torch.Tensor, s: float, 
             for k1 in range(j1, j2, SUB_BLOCK):
                 k2 = min(k1 + SUB_BLOCK, j2)
                 cols = w1[:, k1:k2]
-                q = torch.where(mask[:, k1:k2], w_f[:, i1 + k1:i1 + k2], cols)
+                q = torch.where(mask[:, k1:k2], f[:, k1:k2], cols)
                 e = (cols - q) / d[k1:k2]
                 cols.copy_(q)
                 err[:, k1:k2] = e
-                w1[:, k2:j2] -= e @ u1[k1:k2, k2:j2]
-            w1[:, j2:] -= err[:, j1:j2] @ u1[j1:j2, j2:]
-        w[:, i2:] -= err @ u[i1:i2, i2:]
-    changed = int((w_f != w_a.to(torch.float32)).sum())
+                w1[:, k2:j2].addmm_(e, u1[k1:k2, k2:j2], alpha=-1.0)
+            w1[:, j2:].addmm_(err[:, j1:j2], u1[j1:j2, j2:], alpha=-1.0)
+        w[:, i2:].addmm_(err, u[i1:i2, i2:], alpha=-1.0)  # in place: no (d_out × rest) temporary
     return ModuleResult(w, kept, changed, used, limit_total)
 
 
@@ -268,7 +271,7 @@ class SafeDelta(Method):
                 if source not in held:
                     held.clear()
                     held[source] = patch.tensors[factor_key(source)].to(device)
-                res = safe_delta(w_a.to(device), old.to(device), held[source], params.s, params.drop, params.block)
+                res = safe_delta(w_a, old, held[source], params.s, params.drop, params.block)
                 totals["modules"] += 1
                 totals["entries_changed_by_finetune"] += res.changed
                 totals["entries_kept"] += res.kept
