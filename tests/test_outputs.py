@@ -150,6 +150,20 @@ def test_non_finite_parameters_are_refused(work, value):
     assert not (work / "out").exists()
 
 
+@pytest.mark.parametrize("size", ["5B", "5G", "2GiB", "0", "-1GB", "lots"])
+def test_an_ambiguous_or_unreadable_shard_size_is_refused_before_any_work(work, size):
+    assert_refused(["repair", "revert", "-a", "aligned", "-f", "finetuned", "-o", "out", "--max-shard-size", size],
+                   work, repr(size))
+    assert not (work / "out").exists()
+
+
+def test_shard_sizes_follow_huggingface_hub():
+    from realign.tensorio import parse_size
+
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500mb") == 5 * 10**8 and parse_size("1.5KB") == 1500
+    assert parse_size("123") == 123 and parse_size(7) == 7
+
+
 def test_a_fine_tune_of_another_family_is_refused(work):
     cfg = json.loads((work / "finetuned" / "config.json").read_text())
     cfg["model_type"] = "qwen2"
@@ -247,7 +261,7 @@ def test_damaged_safetensors_are_one_line_for_inspect_and_repair(work, damage):
 
 # ----------------------------------------------------------------------------- reruns and kills
 @pytest.mark.parametrize("method", ["revert", "safelora", "resta", "hdr", "antidote", "nlsr", "fgsn", "safetylock",
-                                    "refusal"])
+                                    "refusal", "safedelta"])
 def test_reruns_are_bit_identical(work, method):
     rows = [{"prompt": f"w10 w{20 + i}", "kind": "harmful", "safe_response": "w1 w2", "unsafe_response": "w3 w4",
              "category": "c"} for i in range(6)]

@@ -341,6 +341,7 @@ def apply(
     read = _paths_read(inputs, ft, patch if isinstance(patch, str | os.PathLike) else None,
                        options.task_data if options else None)
     check_output(out, read, force=force)
+    parse_size(max_shard_size)  # a size it cannot read is an error now, not after the work
     start = time.perf_counter()
     tuning = _tune(m, patch_obj, ft, inputs, p, merged, set(params or {}), options, log)
     if tuning is not None:
@@ -411,6 +412,7 @@ def repair(
     ``tune`` as in ``apply``."""
     check_output(out, input_paths(aligned, finetuned, finetuned_base, base, harmful, unaligned, calibration),
                  force=force)
+    parse_size(max_shard_size)
     m = get_method(method)
     p = build_params(m.Params, params, method=method)
     inputs, notes = _make_inputs(m, aligned, base, calibration, harmful, unaligned, template, device, dtype,

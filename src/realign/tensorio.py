@@ -304,21 +304,24 @@ def write_sharded(
 
 
 def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB' or a byte count."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, factor in units.items():
-        if s.endswith(unit):
-            try:
-                return int(float(s[: -len(unit)]) * factor)
-            except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise RealignError(f"cannot read size {text!r}: use e.g. 5GB, 500MB or a byte count") from None
+    """A size as huggingface_hub reads one ('5GB', '500MB', 'TB/GB/MB/KB', decimal), or a byte count
+    in digits. Anything else is refused rather than guessed: '5B' (5 bytes or 5 billion?), '5G',
+    '2GiB'."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    elif isinstance(text, str) and text.strip().isdigit():
+        size = int(text.strip())
+    else:
+        try:
+            size = parse_size_to_int(str(text))
+        except ValueError:
+            raise RealignError(f"cannot read size {text!r}: use a number with TB, GB, MB or KB (e.g. 5GB, 500MB), "
+                               "or a byte count in digits") from None
+    if size < 1:
+        raise RealignError(f"size {text!r} must be at least 1 byte")
+    return size
 
 
 def fsync_dir(path: Path) -> None:
