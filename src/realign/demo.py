@@ -179,27 +179,12 @@ def _write_summary(out: Path, rows: list[Row]) -> None:
 
 
 def plot_rows(rows: list[Row], path: Path) -> None:
-    import matplotlib
+    from realign.plots import Point, hs_fa_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 6))
-    markers = {"attacked-lora": "o", "attacked-full": "s"}
-    for r in rows:
-        if r.method is None:
-            ax.scatter(r.fa, r.hs, marker="*", s=160, color="black")
-            ax.annotate(r.name, (r.fa, r.hs), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        else:
-            ax.scatter(r.fa, r.hs, marker=markers.get(r.model, "o"), s=50)
-            ax.annotate(r.name, (r.fa, r.hs), textcoords="offset points", xytext=(4, -8), fontsize=7)
-    ax.set_xlabel("fine-tuning accuracy FA (%)  →  better")
-    ax.set_ylabel("harmful score HS (%)  ↓  better")
-    ax.set_title("Miniature world: repair methods on the attacked models (★ references)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    points = [Point(fa=r.fa, hs=r.hs, label=r.name, method=r.method, target=r.model if r.method else "",
+                    tuned=r.method is not None and r.name.startswith(f"{r.method} tuned "))
+              for r in rows if r.fa == r.fa and r.hs == r.hs]  # NaN: a suite not evaluated
+    hs_fa_plot(points, path, "Miniature world: repairs of the attacked models")
 
 
 def demo(

@@ -77,46 +77,42 @@ def rich_table(rows: list[dict[str, Any]]):
     header, body = table_cells(rows)
     table = Table(title="realign compare")
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i < 3 else "right")
+        # long model names wrap instead of being cut to "…" on a narrow terminal
+        table.add_column(h, justify="left" if i < 3 else "right", overflow="fold", min_width=8 if i == 0 else None)
     for row in body:
         table.add_row(*row)
     return table
 
 
+def _point(row: dict[str, Any]):
+    """A results row as a plot point: a repaired model (its directory has realign.json) is coloured by
+    method and shaped by the fine-tune it repaired; anything else is a reference model."""
+    import json
+
+    from realign.plots import Point
+
+    prov = Path(str(row["model"])) / "realign.json"
+    try:
+        data = json.loads(prov.read_text()) if prov.is_file() else None
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or not data.get("method"):
+        return Point(fa=row["fa"], hs=row["hs"], label=row["name"])
+    finetuned = (data.get("inputs") or {}).get("finetuned") or {}
+    target = Path(str(finetuned.get("ref") or "?")).name
+    tuning = (data.get("report") or {}).get("tuning") or {}
+    return Point(fa=row["fa"], hs=row["hs"], label=row["name"], method=str(data["method"]), target=target,
+                 tuned=bool(tuning.get("improved")))
+
+
 def plot_hs_vs_fa(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
     """Scatter of Harmful Score (lower is better) against Fine-tuning Accuracy, one point per file."""
-    import matplotlib
+    from realign.plots import hs_fa_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [(r["fa"], r["hs"], r["name"]) for r in rows if r.get("fa") is not None and r.get("hs") is not None]
+    points = [_point(r) for r in rows if r.get("fa") is not None and r.get("hs") is not None]
     if not points:
         raise RealignError("no results file has both HS and FA: evaluate a harmful suite and a task suite to plot")
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    try:
-        for fa, hs, name in points:
-            ax.scatter([fa], [hs], s=36)
-            ax.annotate(name, (fa, hs), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel("Fine-tuning accuracy (%)  →  better")
-        ax.set_ylabel("Harmful score (%)  ↓  better")
-        ax.set_xlim(-2, 102)
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-        ax.set_title("Harmful score vs fine-tuning accuracy")
-        fig.tight_layout()
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    finally:
-        plt.close(fig)
-    return target
+    return hs_fa_plot(points, path, "Harmful score vs fine-tuning accuracy")
 
 
 def compare(paths: Sequence[str | os.PathLike], markdown: str | os.PathLike | None = None,
