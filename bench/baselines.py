@@ -25,7 +25,8 @@ BASELINES = ("revert", "safelora", "resta", "antidote", "hdr", "refusal")
 TARGETS = ("attacked-lora", "attacked-full")
 SUITES = ["world-harmful", "world-task", "world-xstest"]
 GRID: dict[str, list[dict]] = {
-    "safelora": [{"tau": 0.3}, {"tau": 0.7}, {"mode": "topk", "k": 5}, {"mode": "topk", "k": 20}],
+    "safelora": [{"mode": "threshold", "tau": 0.3}, {"mode": "threshold", "tau": 0.7}, {"mode": "topk", "k": 5},
+                 {"mode": "topk", "k": 20}],
     "resta": [{"beta": 0.25}, {"beta": 1.0}, {"dare": 0.3}, {"scope": "linear"}],
     "antidote": [{"fraction": 0.05}, {"fraction": 0.2}],
     "hdr": [{"lam": 1.0}, {"lam": 5.0}, {"keep": 0.3}, {"scope": "linear"}],

@@ -22,7 +22,8 @@ from pathlib import Path
 
 TARGETS = ("attacked-lora", "attacked-full")
 GRID: dict[str, list[dict]] = {
-    "safelora": [{"tau": 0.3}, {"tau": 0.5}, {"tau": 0.7}, {"tau": 0.9},
+    "safelora": [{"mode": "threshold", "tau": 0.3}, {"mode": "threshold", "tau": 0.5},
+                 {"mode": "threshold", "tau": 0.7}, {"mode": "threshold", "tau": 0.9},
                  {"mode": "topk", "k": 8}, {"mode": "topk", "k": 16}, {"mode": "topk", "k": 32}],
     "resta": [{"beta": 0.25}, {"beta": 0.5}, {"beta": 0.75}, {"beta": 1.0},
               {"beta": 0.5, "dare": 0.5}, {"beta": 0.5, "dare": 0.9}],

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from realign.archs import arch_from_config
     from realign.bake import add_to_outputs
     from realign.compute import load_model
+    from realign.methods.refusal import additions
     from realign.world.quickeval import evaluate, load_eval_sets
 
     world = Path(args.world)
@@ -50,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     patch = api.prepare("refusal", **common)
     print(f"prepare: {time.perf_counter() - start:.1f} s; direction norms {patch.report['direction_norms']}")
-    directions = patch.tensors["directions"].float()
     keys = ("hs", "fa", "skills", "over_refusal")
     rows: list[dict] = []
     print(f"world {world}: quick evaluation, limit {limit}; HS/over-refusal ↓, FA/skills ↑; "
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             for layer in (int(x) for x in args.layers.split(",")):
                 for coeff in (float(x) for x in args.coeffs.split(",")):
                     start = time.perf_counter()
-                    with add_to_outputs(model, {arch.module_name(layer, "o"): coeff * directions[layer]}):
+                    with add_to_outputs(model, additions(patch, arch, layer, coeff)):
                         res = evaluate(model, tokenizer, sets, limit=limit)
                     record(f"l={layer} c={coeff:g}", res, time.perf_counter() - start, layer=layer, coeff=coeff)
 

@@ -134,8 +134,11 @@ def main() -> None:
     target = 2 * module_bytes / 1e6 + 200
     for d in ("cp", "out"):
         shutil.rmtree(root / d, ignore_errors=True)
-    cp = copy_seconds(ft, root / "cp")
-    shutil.rmtree(root / "cp", ignore_errors=True)
+    cps = []
+    for _ in range(3):  # cp varies several-fold between runs on a shared disk: its best of 3
+        cps.append(copy_seconds(ft, root / "cp"))
+        shutil.rmtree(root / "cp", ignore_errors=True)
+    cp = min(cps)
     code = APPLY.format(bench=str(Path(__file__).parent), patch=str(patch), ft=str(ft), out=str(root / "out"),
                         s=args.s)
     seconds, peak, base = run_measured(code)
@@ -150,8 +153,9 @@ def main() -> None:
     print(f"{seconds:>9.1f}{cp:>8.2f}{seconds / cp:>8.1f}{rss:>13.0f}{target:>11.0f}  "
           f"RSS {'ok' if rss <= target else 'MISSED'}")
     print("(apply: api.apply in a fresh interpreter after imports; RSS: peak beyond the imports; cp: `cp -r` of the "
-          "fine-tune. Safe Delta's work is the OBS sweep, about d_out · d_in² flops per module, so it is "
-          "compute-bound where cp is disk-bound: the ratio is reported, not targeted)")
+          f"fine-tune, best of {', '.join(f'{c:.2f}' for c in cps)} s. Safe Delta's work is the OBS sweep, "
+          "about d_out · d_in² flops per module, so it is compute-bound where cp is disk-bound: the ratio is "
+          "reported, not targeted)")
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -124,3 +124,14 @@ def small_world(tmp_path_factory):
     from realign.world.build import build_world
 
     return build_world(tmp_path_factory.mktemp("worlds") / "small", seed=0, size="small")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine the threads'
+    barrier waits make every small matmul tens of times slower (``pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")`` in a module that runs many small forward passes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

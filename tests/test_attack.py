@@ -91,7 +91,9 @@ def test_lora_attack_writes_a_peft_adapter_that_loads(tiny, files, tmp_path):
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["peft_type"] == "LORA"
-    assert cfg["base_model_name_or_path"] == str(tiny.resolve())
+    # named portably: relative to the adapter (the absolute path is in the attack record)
+    assert (out / cfg["base_model_name_or_path"]).resolve() == tiny.resolve()
+    assert not Path(cfg["base_model_name_or_path"]).is_absolute()
     assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     tensors = load_file(out / "adapter_model.safetensors")
     assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in tensors.items())  # it trained

@@ -98,7 +98,8 @@ class _AddVectors(Method):
     Params = _VecParams
 
     def apply(self, patch: Patch, finetuned: Model, inputs: Inputs, params: _VecParams) -> Edit:
-        return bake.o_bias_edit(finetuned, VECTORS_OF(finetuned), self.name)
+        # transformers only: this file checks reloads in transformers (tests/test_serving.py: per server)
+        return bake.o_bias_edit(finetuned, VECTORS_OF(finetuned), self.name, serve="transformers")
 
 
 def VECTORS_OF(model: Model) -> dict[int, object]:  # noqa: N802 — a constant-like factory

@@ -11,12 +11,18 @@ import torch
 from realign.errors import RealignError
 from realign.eval.generate import (
     VLLM_MISSING,
+    VLLM_VERSIONS,
     HFBackend,
+    check_vllm_servable,
     encode_prompt,
     eos_token_ids,
     length_sorted_batches,
+    vllm_adapter_dir,
     vllm_lora_rank,
+    vllm_max_lora_rank,
+    vllm_scale,
 )
+from realign.sources import load_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -194,16 +200,85 @@ def test_bad_arguments_are_user_errors(chat_lm):
         HFBackend(model, tok).generate_ids([[5], []], 3)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
-def test_vllm_backend_without_vllm_says_how_to_install(tmp_path):
+NO_VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+
+
+@NO_VLLM
+def test_vllm_backend_without_vllm_says_how_to_install(tiny_models):
     from realign.eval.generate import VLLMBackend
 
     with pytest.raises(RealignError) as e:
-        VLLMBackend(tmp_path)
+        VLLMBackend(tiny_models["aligned"])
     assert str(e.value) == VLLM_MISSING
 
 
 def test_vllm_lora_rank_rounds_up_to_a_supported_rank():
-    assert [vllm_lora_rank(r) for r in (1, 4, 8, 9, 64, 100, 512)] == [1, 8, 8, 16, 64, 128, 512]
+    # 8 is the smallest max_lora_rank every release in VLLM_VERSIONS accepts
+    assert [vllm_lora_rank(r) for r in (1, 4, 8, 9, 64, 100, 512)] == [8, 8, 8, 16, 64, 128, 512]
     with pytest.raises(RealignError, match="larger than vLLM supports"):
         vllm_lora_rank(1024)
+
+
+def _full_rank_output(tiny_models, tmp_path: Path) -> Path:
+    """What realign writes for a dense edit of a LoRA fine-tune: r 4 with two modules at rank 32
+    and scale 1 in rank/alpha_pattern (lora_alpha / r = 2 for the rest)."""
+    from realign.writer import full_rank_adapter, write_adapter
+
+    ft = load_model(tiny_models["lora"])
+    names = ["model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    edit = full_rank_adapter(ft, {n.removesuffix(".weight"): (n, *ft.shape(n)) for n in names},
+                             {n: (lambda w: w * 0.5) for n in names})
+    out = tmp_path / "full-rank"
+    out.mkdir()
+    write_adapter(out, {**edit["config"], "base_model_name_or_path": str(tiny_models["aligned"])},
+                  dict(edit["tensors"]))
+    return out
+
+
+def test_vllm_max_lora_rank_counts_every_rank(tiny_models, tmp_path):
+    assert vllm_max_lora_rank(load_model(tiny_models["lora"])) == 8  # r = 4
+    assert vllm_max_lora_rank(load_model(_full_rank_output(tiny_models, tmp_path))) == 32  # rank_pattern up to 32
+
+
+def test_vllm_gets_an_adapter_whose_one_scale_is_right_for_every_module(tiny_models, tmp_path):
+    """vLLM scales every module by lora_alpha / r: the copy it is handed folds each module's own
+    PEFT scale into B, and reads (as PEFT reads it) as the same model."""
+    plain = load_model(tiny_models["lora"])
+    assert vllm_adapter_dir(plain, tmp_path / "unused") == plain.path  # one scale already: served as it is
+    source = load_model(_full_rank_output(tiny_models, tmp_path))
+    served = vllm_adapter_dir(source, tmp_path / "vllm")
+    assert served != source.path
+    copy = load_model(served)
+    s = vllm_scale(copy.adapter.config)
+    assert all(copy.adapter.scale(m) == pytest.approx(s) for m in copy.adapter.modules)
+    for name in source.tensor_names:
+        assert torch.allclose(copy.get(name), source.get(name), atol=1e-6), name
+    # what vLLM computes: base + (lora_alpha / r) · B·A, with the factors as stored
+    for module, (a_name, b_name) in copy.adapter.modules.items():
+        a, b = copy.adapter.store.get(a_name), copy.adapter.store.get(b_name)
+        vllm_weight = copy.base.get(f"{module}.weight") + s * (b @ a)
+        assert torch.allclose(vllm_weight, source.get(f"{module}.weight"), atol=1e-5), module
+
+
+@pytest.mark.parametrize("config,field", [({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+                                          ({"trainable_token_indices": [3, 4]}, "trainable_token_indices"),
+                                          ({"bias": "all"}, "bias='all'"),
+                                          ({"target_modules": ["embed_tokens", "q_proj"]}, "embeddings")])
+def test_adapters_vllm_cannot_serve_are_refused_before_vllm(tmp_path, config, field):
+    """Refused in one line before vLLM is imported (so, here, whether vLLM is installed or not)."""
+    from conftest import save_tiny
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from realign.eval.generate import VLLMBackend
+
+    base = save_tiny(tmp_path / "base", family="qwen2" if "bias" in config else "llama")
+    cfg = LoraConfig(r=4, lora_alpha=8, **{"target_modules": ["q_proj", "v_proj"], **config})
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), cfg).save_pretrained(tmp_path / "lora")
+    source = load_model(tmp_path / "lora", base=base)
+    with pytest.raises(RealignError) as e:
+        check_vllm_servable(source)
+    assert field in str(e.value) and "--backend hf" in str(e.value) and VLLM_VERSIONS in str(e.value)
+    with pytest.raises(RealignError) as e:
+        VLLMBackend(base, adapter=tmp_path / "lora")
+    assert field in str(e.value) and "\n" not in str(e.value)

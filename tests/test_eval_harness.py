@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from test_eval_generate import save_chat_model
 from typer.testing import CliRunner
 
@@ -16,15 +15,7 @@ from realign.errors import RealignError
 from realign.eval.harness import evaluate, load_results, save_results
 from realign.eval.judges import get_judge
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine the threads'
-    barrier waits make every small matmul tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 runner = CliRunner()
 

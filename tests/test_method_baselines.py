@@ -78,7 +78,7 @@ def test_safelora_threshold_and_topk_match_direct(world, tmp_path):
     cosines = sorted(c for _d, c in direct.values())
     tau = (cosines[6] + cosines[7]) / 2  # half the modules below: both branches are exercised
     res = api.repair("safelora", world["aligned"], world["finetuned"], tmp_path / "thr", base=world["base"],
-                     params={"tau": tau})
+                     params={"mode": "threshold", "tau": tau})
     out = tensors_of(tmp_path / "thr")
     assert res.output == "checkpoint" and res.report["modules_changed"] == 7
     for n in names:
@@ -100,18 +100,48 @@ def test_safelora_threshold_and_topk_match_direct(world, tmp_path):
         assert torch.allclose(out[n], expected, atol=1e-5), n
 
 
+def test_safelora_official_default_and_rounded_threshold(world, tmp_path):
+    """Spec (the official code): by default the k = 10 lowest-cosine modules are projected; the
+    threshold test is cos ≤ tau after rounding cos to 5 decimals (strict: cos < tau, unrounded)."""
+    from realign.methods.safelora import passes
+
+    a, b, f = (tensors_of(world[k]) for k in ("aligned", "base", "finetuned"))
+    names = linear_names(a)
+    direct = {n.removesuffix(".weight"): direct_safelora(a[n], b[n], f[n])[1] for n in names}
+    res = api.repair("safelora", world["aligned"], world["finetuned"], tmp_path / "default", base=world["base"])
+    assert res.report["mode"] == "topk" and res.report["k"] == 10
+    assert sorted(res.report["projected_modules"]) == sorted(sorted(direct, key=direct.get)[:10])
+    assert passes(0.5, 0.5, "official") and not passes(0.5, 0.5, "strict")  # ≤, not <
+    assert passes(0.123454, 0.12345, "official") and not passes(0.123454, 0.12345, "strict")  # rounded down
+    assert not passes(0.123456, 0.12345, "official")  # rounds up to 0.12346
+    # a module whose cosine rounds down onto tau is projected by the official rule only: reported to 6
+    # decimals, a last digit in 1..4 means the cosine itself lies strictly between tau and tau + 0.5e-5
+    reported = res.report["cosine"]
+    module = next(m for m, c in reported.items() if round(c * 1e6) % 10 in (1, 2, 3, 4))
+    tau = math.floor(reported[module] * 1e5) / 1e5
+    runs = {rule: api.repair("safelora", world["aligned"], world["finetuned"], tmp_path / rule, base=world["base"],
+                             params={"mode": "threshold", "tau": tau, "threshold_rule": rule})
+            for rule in ("official", "strict")}
+    official, strict = (set(runs[r].report["projected_modules"]) for r in ("official", "strict"))
+    assert module in official and module not in strict and strict < official
+    assert runs["official"].report["threshold_rule"] == "official"
+    with pytest.raises(RealignError, match="k=-1"):
+        api.repair("safelora", world["aligned"], world["finetuned"], tmp_path / "bad", base=world["base"],
+                   params={"k": -1})
+
+
 def test_safelora_on_adapter_equals_safelora_on_merged(world, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     merged = api.repair("safelora", world["aligned"], world["lora-merged"], tmp_path / "dense", base=world["base"],
-                        params={"tau": 0.0})
+                        params={"mode": "threshold", "tau": 0.0})
     cosines = sorted(merged.report["cosine"].values())
     tau = (cosines[6] + cosines[7]) / 2
     dense = api.repair("safelora", world["aligned"], world["lora-merged"], tmp_path / "dense2", base=world["base"],
-                       params={"tau": tau})
+                       params={"mode": "threshold", "tau": tau})
     ad = api.repair("safelora", world["aligned"], world["lora"], tmp_path / "adapter", base=world["base"],
-                    params={"tau": tau})
+                    params={"mode": "threshold", "tau": tau})
     assert ad.output == "adapter" and (tmp_path / "adapter" / "adapter_config.json").exists()
     assert ad.report["edits"] == "lora_factors" and dense.report["edits"] == "dense"
     assert sorted(ad.report["projected_modules"]) == sorted(dense.report["projected_modules"])
@@ -127,7 +157,7 @@ def test_safelora_on_adapter_equals_safelora_on_merged(world, tmp_path):
         assert torch.allclose(reloaded[n], want[n], atol=1e-5), n
     # the same fine-tune written as a checkpoint is the same model again
     ck = api.repair("safelora", world["aligned"], world["lora"], tmp_path / "ck", base=world["base"],
-                    params={"tau": tau}, output="checkpoint")
+                    params={"mode": "threshold", "tau": tau}, output="checkpoint")
     assert ck.output == "checkpoint"
     got = tensors_of(tmp_path / "ck")
     for n in linear_names(want):
@@ -343,7 +373,7 @@ def test_each_output_tensor_reads_only_its_own_inputs(world, tmp_path, monkeypat
     from realign.sources import TensorStore
 
     m = get_method(method)
-    given = {"refusal": {"layer": 0, "coeff": 0.5}, "safelora": {"mode": "topk", "k": 3}}
+    given = {"refusal": {"layer": 1, "coeff": 0.5}, "safelora": {"mode": "topk", "k": 3}}
     p = build_params(m.Params, given.get(method))
     cal = _calibration()
     inputs, _ = _make_inputs(m, world["aligned"], world["base"], cal, world["harmful"], None, "auto", "cpu", "auto",

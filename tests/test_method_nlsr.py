@@ -14,24 +14,25 @@ from typer.testing import CliRunner
 
 from realign import api
 from realign.errors import RealignError
-from realign.methods.nlsr import (
+from realign.masks import (
     cosine,
-    factor_cosine,
-    factor_gradients,
     gather,
-    lowrank_projection,
     masked_similarity,
     pack_mask,
-    region_mask,
-    select_modules,
-    top_mask,
     transplant,
     transplant_packed,
     unpack_mask,
+)
+from realign.methods.nlsr import (
+    factor_cosine,
+    factor_gradients,
+    lowrank_projection,
+    region_mask,
+    select_modules,
     wanda_score,
 )
 from realign.sources import load_model
-from realign.stats import collect, encode, loss_gradients
+from realign.stats import collect, encode, example_gradient_sums, loss_gradients
 
 ROLES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -96,22 +97,39 @@ def test_lowrank_from_gram_equals_svd_of_activations(d_out, d_in):
     assert not torch.allclose(expected, w, atol=1e-3)  # the projection really removes something
 
 
-def test_wanda_score_and_region_masks():
+def test_wanda_score():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(30, 7, generator=g)
     w = torch.randn(5, 7, generator=g)
-    score = wanda_score(w, (x * x).sum(0))
-    assert torch.allclose(score, w.abs() * x.norm(dim=0).unsqueeze(0), atol=1e-6)
-    mask = region_mask(score, 0.8)
-    keep = 35 - math.floor(35 * 0.8)
-    assert int(mask.sum()) == keep == 7
-    assert score[mask].min() >= score[~mask].max()
-    rows = region_mask(score, 0.6, "row")
-    chosen = rows.all(1)
-    assert int(chosen.sum()) == 2 and bool((rows.any(1) == chosen).all())  # whole rows only
-    assert score.sum(1)[chosen].min() >= score.sum(1)[~chosen].max()
-    ties = top_mask(torch.zeros(10), 3)  # all tied: exactly 3, the first ones
-    assert ties.tolist() == [True] * 3 + [False] * 7
+    assert torch.allclose(wanda_score(w, (x * x).sum(0)), w.abs() * x.norm(dim=0).unsqueeze(0), atol=1e-6)
+
+
+def test_region_size_is_the_official_count():
+    """Spec: the region is the entries scored strictly above the ⌊n·sparsity⌋-th score (0-based,
+    ascending) of their group: the matrix (lowrank) or each output row (wanda, snip)."""
+    score = torch.tensor([[3.0, 9.0, 1.0, 7.0, 5.0], [0.0, 8.0, 6.0, 2.0, 4.0]])  # the scores 0..9
+    # n = 10, ⌊10·0.8⌋ = 8: sorted[8] = 8, only 9 is above it (the top 20 % would be 2 entries)
+    assert region_mask(score, 0.8).nonzero().tolist() == [[0, 1]]
+    # ⌊10·0.5⌋ = 5: sorted[5] = 5, above it 6, 7, 8, 9
+    assert sorted(score[region_mask(score, 0.5)].tolist()) == [6.0, 7.0, 8.0, 9.0]
+    assert int(region_mask(score, 0.0).sum()) == 9  # sparsity 0 still leaves out the smallest
+    # per row, n = 5: ⌊5·0.6⌋ = 3, rows sorted [1 3 5 7 9] and [0 2 4 6 8]: above 7 and above 6
+    assert region_mask(score, 0.6, group="row").nonzero().tolist() == [[0, 1], [1, 1]]
+    # ⌊5·0.2⌋ = 1: above 3 (row 0) and above 2 (row 1), three entries in each row
+    assert score[region_mask(score, 0.2, group="row")].tolist() == [9.0, 7.0, 5.0, 8.0, 6.0, 4.0]
+    # entries tied with the threshold score are all left out: sorted [0 1 2 2 2], ⌊5·0.4⌋ = 2
+    assert not region_mask(torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]]), 0.4).any()
+    # whole rows by summed score (25 and 20), counted the same way over the rows: ⌊2·0.4⌋ = 0
+    rows = region_mask(score, 0.4, "row")
+    assert rows[0].all() and not rows[1].any()
+    # any shape, distinct scores: n − ⌊n·s⌋ − 1 per group
+    g = torch.Generator().manual_seed(0)
+    for d_out, d_in, sparsity in [(5, 7, 0.8), (16, 32, 0.8), (64, 32, 0.7), (3, 10, 0.29)]:
+        sc = torch.rand(d_out, d_in, generator=g)
+        n = d_out * d_in
+        assert int(region_mask(sc, sparsity).sum()) == n - math.floor(n * sparsity) - 1
+        per_row = region_mask(sc, sparsity, group="row").sum(1)
+        assert per_row.eq(d_in - math.floor(d_in * sparsity) - 1).all()
 
 
 @pytest.mark.parametrize("n", [1, 8, 13, 100])
@@ -195,9 +213,9 @@ def test_transplant_changes_only_masked_entries():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_base", [True, False])
 def test_chunked_similarity_and_transplant_equal_the_direct_computation(monkeypatch, dtype, with_base):
-    import realign.methods.nlsr as nlsr
+    import realign.masks as masks
 
-    monkeypatch.setattr(nlsr, "_CHUNK", 64)  # many chunks, and a last one that is cut short
+    monkeypatch.setattr(masks, "_CHUNK", 64)  # many chunks, and a last one that is cut short
     g = torch.Generator().manual_seed(5)
     w = torch.randn(37, 29, generator=g).to(dtype)
     mask = torch.rand(37, 29, generator=g) < 0.3
@@ -294,7 +312,7 @@ def test_dense_repair_transplants_exactly_the_region_of_selected_modules(world, 
         c = torch.nn.functional.cosine_similarity(((w_f - w_b) * mask).flatten(), ((w_e - w_b) * mask).flatten(),
                                                   dim=0)
         assert rows[module]["c"] == pytest.approx(float(c), abs=1e-5)
-        assert int(mask.sum()) == w_f.numel() - math.floor(w_f.numel() * 0.8)
+        assert int(mask.sum()) == w_f.numel() - math.floor(w_f.numel() * 0.8) - 1  # the official count
         if module in restored:
             assert torch.equal(out[name][mask], patch.tensors[f"{name}.ref"])
             assert torch.equal(out[name][~mask], w_f[~mask])
@@ -312,30 +330,129 @@ def test_dense_repair_transplants_exactly_the_region_of_selected_modules(world, 
     assert "modules" in json.dumps(saved)
 
 
-def test_lowrank_region_matches_direct_computation(world):
-    """The patch's masks equal the top 20 % of |U_r U_rᵀ W_e| computed from the reference model's
-    own module inputs (captured here), for a shared-input module (k), and one scored from SᵀS (down)."""
+def projected(x: torch.Tensor, w: torch.Tensor, ratio: float = 0.8) -> torch.Tensor:
+    """The spec's W̃ = U_r U_rᵀ W: U_r the top-r right singular vectors of S = X Wᵀ (here by an SVD)."""
+    r = math.floor(ratio * min(w.shape))
+    _, _, vh = torch.linalg.svd(x.double() @ w.double().T, full_matrices=False)
+    return vh[:r].T @ vh[:r] @ w.double()
+
+
+def spec_inputs(model, arch, enc, layer: int, sequential: bool, new_weight) -> dict[str, torch.Tensor]:
+    """The inputs of layer ``layer``'s modules as the spec reads them: from the reference model as
+    it is (one-pass), or (sequential) after every earlier layer l got the weights
+    ``new_weight(module, X)`` computed from ITS inputs X, taken before layer l itself changed."""
+    def names(i):
+        return [arch.module_name(i, r) for r in arch.roles]
+
+    with torch.no_grad():
+        for earlier in range(layer if sequential else 0):
+            stats = collect(model, arch, enc, capture=names(earlier))
+            for m in names(earlier):
+                model.get_parameter(m + ".weight").copy_(new_weight(m, torch.cat(stats.capture[m])).float())
+        stats = collect(model, arch, enc, capture=names(layer))
+    return {m: torch.cat(stats.capture[m]).double() for m in names(layer)}
+
+
+def _reference(world):
+    """The dense reference model W_e = W_a + 0.9 (W_a − W_b), loaded to run."""
     from realign.compute import load_model as run_model
 
-    patch = api.prepare("nlsr", aligned=world["aligned"], base=world["base"], calibration=world["cal"],
-                        template="raw", device="cpu")
     al, base = load_model(world["aligned"]), load_model(world["base"])
     model, tok = run_model(world["aligned"], device="cpu")
+    w_e = {}
     with torch.no_grad():
         for _, _, name in al.arch.linear_weights():
             w_a = al.get(name)
-            model.get_parameter(name).copy_(w_a + 0.9 * (w_a - base.get(name)))
-    modules = [al.arch.module_name(1, "k"), al.arch.module_name(0, "down")]
-    stats = collect(model, al.arch, _encoded(world, tok), capture=modules)
-    for module in modules:
-        x = torch.cat(stats.capture[module]).double()
-        w_e = model.get_submodule(module).weight.detach()
-        r = math.floor(0.8 * min(w_e.shape))
-        _, _, vh = torch.linalg.svd(x @ w_e.double().T, full_matrices=False)
-        score = (vh[:r].T @ vh[:r] @ w_e.double()).abs()
-        expected = region_mask(score, 0.8)
-        got = unpack_mask(patch.tensors[f"{module}.weight.mask"], tuple(w_e.shape))
-        assert torch.equal(got, expected), module
+            w_e[name.removesuffix(".weight")] = w_a + 0.9 * (w_a - base.get(name))
+            model.get_parameter(name).copy_(w_e[name.removesuffix(".weight")])
+    return model, tok, al.arch, w_e
+
+
+@pytest.mark.parametrize("activations", ["sequential", "one-pass"])
+def test_lowrank_region_matches_direct_computation(world, activations):
+    """Every mask of the patch equals the region of |U_r U_rᵀ W_e| computed here from each module's
+    inputs: read from W_e itself (one-pass), or with layer 0 projected first (sequential, the
+    official order); shared-input modules (q, k, v) and ones scored from SᵀS (down) included."""
+    patch = api.prepare("nlsr", aligned=world["aligned"], base=world["base"], calibration=world["cal"],
+                        template="raw", device="cpu", params={"activations": activations})
+    assert patch.report["activations"] == activations
+    model, tok, arch, w_e = _reference(world)
+    enc = _encoded(world, tok)
+    for layer in (0, 1):
+        inputs = spec_inputs(model, arch, enc, layer, activations == "sequential",
+                             lambda m, x: projected(x, w_e[m]))
+        for module, x in inputs.items():
+            expected = region_mask(projected(x, w_e[module]).abs(), 0.8)
+            got = unpack_mask(patch.tensors[f"{module}.weight.mask"], tuple(w_e[module].shape))
+            assert torch.equal(got, expected), module
+
+
+def test_sequential_and_one_pass_differ_exactly_where_the_projection_changes_the_inputs(world):
+    common = dict(aligned=world["aligned"], base=world["base"], calibration=world["cal"], template="raw",
+                  device="cpu")
+    masks = {}
+    for act in ("sequential", "one-pass"):
+        for ratio in (0.8, 1.0):
+            masks[act, ratio] = api.prepare("nlsr", **common, params={"activations": act, "rank_ratio": ratio}).tensors
+    differ = {0: 0, 1: 0}
+    for name in masks["sequential", 0.8]:
+        if name.endswith(".mask"):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            same = torch.equal(masks["sequential", 0.8][name], masks["one-pass", 0.8][name])
+            differ[layer] += not same
+            # at full rank W̃ = W: projecting changes no input, so the two orders read the same data
+            assert torch.equal(masks["sequential", 1.0][name], masks["one-pass", 1.0][name]), name
+    assert differ[0] == 0  # layer 0 reads the embeddings either way
+    assert differ[1] >= 4, differ  # layer 1 reads a model whose layer 0 is projected
+
+
+def per_row_region(score: torch.Tensor, sparsity: float = 0.8) -> torch.Tensor:
+    """The spec's per-row rule, written out: in each row, the entries above its ⌊d_in·s⌋-th smallest score."""
+    thresh = score.sort(dim=1).values[:, math.floor(score.shape[1] * sparsity)]
+    return score > thresh.unsqueeze(1)
+
+
+def test_wanda_and_snip_keep_the_same_share_of_every_row(world):
+    """wanda |W_ij|·‖X_j‖ and snip |W_ij|·Σ_n|∂L_n/∂W_ij| (L_n: the mean NLL of example n's safe
+    response), each compared within its output row, against activations and per-example gradients
+    computed here one example at a time; today's rules remain as group=matrix, snip_gradients=pooled."""
+    common = dict(aligned=world["aligned"], base=world["base"], calibration=world["cal"], template="raw",
+                  device="cpu")
+    wanda = api.prepare("nlsr", **common, params={"score": "wanda"}).tensors
+    snip = api.prepare("nlsr", **common, params={"score": "snip"}).tensors
+    old = api.prepare("nlsr", **common, params={"score": "snip", "group": "matrix",
+                                                 "snip_gradients": "pooled"}).tensors
+    model, tok, arch, w_e = _reference(world)
+    enc = _encoded(world, tok)
+    names = list(w_e)
+    inputs = collect(model, arch, enc, capture=names).capture
+    abs_sum = {m: torch.zeros_like(w) for m, w in w_e.items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in names:
+        model.get_parameter(m + ".weight").requires_grad_(True)
+    for e in enc:
+        model.zero_grad()
+        ids = torch.tensor([e.input_ids])
+        logits = model(input_ids=ids).logits[0]
+        torch.nn.functional.cross_entropy(logits[e.prompt_len - 1:-1], ids[0, e.prompt_len:]).backward()
+        for m in names:
+            abs_sum[m] += model.get_parameter(m + ".weight").grad.abs()
+    sums = example_gradient_sums(model, enc, names, batch_size=5)
+    pooled = loss_gradients(model, enc, [m + ".weight" for m in names], batch_size=5)
+    differ = 0
+    for m, w in w_e.items():
+        assert torch.allclose(sums[m][0], abs_sum[m], rtol=1e-4, atol=1e-7), m
+        x = torch.cat(inputs[m])
+        keep = w.shape[1] - math.floor(w.shape[1] * 0.8) - 1
+        for patch, score in ((wanda, w.abs() * x.norm(dim=0)), (snip, w.abs() * abs_sum[m])):
+            got = unpack_mask(patch[f"{m}.weight.mask"], tuple(w.shape))
+            assert torch.equal(got, per_row_region(score)), m
+            assert got.sum(1).eq(keep).all(), m
+        got = unpack_mask(old[f"{m}.weight.mask"], tuple(w.shape))
+        assert torch.equal(got, region_mask((w * pooled[m + ".weight"]).abs(), 0.8)), m
+        differ += not torch.equal(got, unpack_mask(snip[f"{m}.weight.mask"], tuple(w.shape)))
+    assert differ == len(names)  # the official rule and today's pick different regions
 
 
 def test_prepare_once_apply_many_equals_repair_bit_for_bit(world, tmp_path):
@@ -346,6 +463,12 @@ def test_prepare_once_apply_many_equals_repair_bit_for_bit(world, tmp_path):
     ta, tb = tensors_of(tmp_path / "applied"), tensors_of(tmp_path / "repaired")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert a.report["modules"] == b.report["modules"]
+    # a patch prepared before the official region rules (no activations/group/snip_gradients) applies as it is
+    old = api.load_patch(tmp_path / "patch")
+    for key in ("activations", "group", "snip_gradients"):
+        del old.params[key]
+    d = api.apply(old, world["finetuned"], tmp_path / "old", device="cpu")
+    assert d.report["modules"] == a.report["modules"] and d.report["totals"]["activations"] == "one-pass"
     # apply-stage parameters change per fine-tune without preparing again; prepare-stage ones cannot
     c = api.apply(tmp_path / "patch", world["finetuned"], tmp_path / "thr", params={"selection": "threshold",
                                                                                     "tau": 2.0}, device="cpu")
@@ -417,6 +540,9 @@ def test_errors_are_one_line_realign_errors(world, tmp_path):
                     params={"mode": "lora"}, template="raw")
     with pytest.raises(RealignError, match="selection"):
         api.prepare("nlsr", aligned=world["aligned"], calibration=world["cal"], params={"selection": "random"})
+    with pytest.raises(RealignError, match="granularity=row selects whole rows"):
+        api.prepare("nlsr", aligned=world["aligned"], calibration=world["cal"],
+                    params={"granularity": "row", "group": "row"})
     factor_patch = api.prepare("nlsr", aligned=world["aligned_adapter"], calibration=world["cal"], template="raw",
                                device="cpu", out=tmp_path / "fp", params={"score": "wanda"})
     assert factor_patch.meta["mode"] == "lora"
@@ -440,28 +566,36 @@ def test_lora_factor_mode(world, tmp_path, amplify, factor):
     rows = {r["module"]: r for r in res.report["modules"]}
     assert sum(r["restored"] for r in rows.values()) == 6
 
-    # the reference model W_b + s·(cB)(cA) and the inputs of each module on it, for direct masks
+    # the reference model W_b + s·(cB)(cA); the inputs of each layer's modules as the official order
+    # reads them (layer 0 holding W_b + s·B̃Ã first), for direct masks
     model, tok = run_model(world["base"], device="cpu")
+    refs, w_b = {}, {}
     with torch.no_grad():
         for _, _, name in al.arch.linear_weights():
             a, b, s = al.lora_factors(name)
+            refs[name.removesuffix(".weight")] = (factor * a, factor * b, s)
+            w_b[name.removesuffix(".weight")] = model.get_parameter(name).detach().clone()
             model.get_parameter(name).add_(s * factor * factor * b @ a)
-    mods = [al.arch.module_name(0, "v"), al.arch.module_name(1, "down")]
-    stats = collect(model, al.arch, _encoded(world, tok), capture=mods)
+
+    def factors_projected(module, x):
+        a_e, b_e, s = refs[module]
+        x = x.double()
+        return w_b[module].double() + s * projected(x @ a_e.double().T, b_e) @ projected(x, a_e)
+
+    enc = _encoded(world, tok)
+    inputs = {**spec_inputs(model, al.arch, enc, 0, True, factors_projected),
+              **spec_inputs(model, al.arch, enc, 1, True, factors_projected)}
     for module, row in rows.items():
         a_name, b_name = ft.adapter.modules[module]
         a_a, b_a, _ = al.adapter.factors(module)
         a_f, b_f, _ = ft.adapter.factors(module)
         a_e, b_e = factor * a_a, factor * b_a
-        if module in mods:
-            x = torch.cat(stats.capture[module]).double()
-            y = x @ a_e.double().T  # B's input
-            for w, inp, part in ((a_e, x, "lora_A"), (b_e, y, "lora_B")):
-                r = math.floor(0.8 * min(w.shape))
-                _, _, vh = torch.linalg.svd(inp @ w.double().T, full_matrices=False)
-                expected = region_mask((vh[:r].T @ vh[:r] @ w.double()).abs(), 0.8)
-                got = unpack_mask(res_patch_tensor(world, amplify, f"{module}.{part}.mask"), tuple(w.shape))
-                assert torch.equal(got, expected), (module, part)
+        x = inputs[module]
+        y = x @ a_e.double().T  # B's input
+        for w, inp, part in ((a_e, x, "lora_A"), (b_e, y, "lora_B")):
+            expected = region_mask(projected(inp, w).abs(), 0.8)
+            got = unpack_mask(res_patch_tensor(world, amplify, f"{module}.{part}.mask"), tuple(w.shape))
+            assert torch.equal(got, expected), (module, part)
         m_a = unpack_mask(res_patch_tensor(world, amplify, f"{module}.lora_A.mask"), tuple(a_a.shape))
         m_b = unpack_mask(res_patch_tensor(world, amplify, f"{module}.lora_B.mask"), tuple(b_a.shape))
         c = torch.nn.functional.cosine_similarity(((b_f * m_b) @ (a_f * m_a)).flatten(),

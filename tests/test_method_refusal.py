@@ -1,5 +1,6 @@
 """The refusal-direction baseline: the direction, the layer search and the baked bias against direct
-computations on the tiny models; refusal on families whose config cannot carry an o_proj bias."""
+computations on the tiny models; the direction is read and added at the same point (the input of
+layer l); refusal on families whose config cannot carry the bias."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from realign import api
 from realign.calibration import from_rows
 from realign.cli import app
 from realign.compute import load_tokenizer
+from realign.errors import RealignError
 from realign.prompts import format_prompt
 from realign.sources import load_model
 
@@ -30,16 +32,16 @@ def calibration():
     return from_rows(rows)
 
 
-def last_hidden(model, tok, prompt: str) -> list[torch.Tensor]:
-    """Each layer's residual output at the last prompt token; the last layer's read BEFORE the final
-    norm (transformers' last hidden state is normalised, not the residual stream)."""
+def layer_inputs(model, tok, prompt: str) -> list[torch.Tensor]:
+    """The residual stream entering each decoder layer (its input), at every position."""
     ids = tok(format_prompt(tok, prompt, "auto"))["input_ids"]
     seen = []
-    h = model.model.norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0, -1].double()))
-    out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    h.remove()
-    assert not torch.allclose(out.hidden_states[-1][0, -1].double(), seen[0])  # the norm does change it
-    return [h[0, -1].double() for h in out.hidden_states[1:-1]] + seen
+    hooks = [layer.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
+        (args[0] if args else kwargs["hidden_states"])[0].double()), with_kwargs=True) for layer in model.model.layers]
+    model(input_ids=torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return seen
 
 
 def p_refuse(model, tok, prompts, tokens) -> torch.Tensor:
@@ -66,38 +68,72 @@ def test_direction_tuned_layer_and_bake_match_direct(tiny_models, tmp_path):
     meta = patch.meta
     tok = load_tokenizer(load_model(tiny_models["aligned"]))
     assert meta["refusal_tokens"] == tok("w1", add_special_tokens=False)["input_ids"]  # the refusal opening only
-    # r_l = mean over the harmful − mean over the benign prompts prepare sees (the held-out rows are the tuning's)
+    # r_l = mean over the harmful − mean over the benign prompts prepare sees (the held-out rows are the
+    # tuning's), of the input of layer l at the last prompt token
     seen, heldout = split_heldout(cal)
     assert heldout is not None and not {e.prompt for e in heldout.examples} & {e.prompt for e in seen.examples}
     aligned = AutoModelForCausalLM.from_pretrained(tiny_models["aligned"]).eval()
-    hh = [torch.stack(last_hidden(aligned, tok, e.prompt)) for e in seen.harmful()]
-    hb = [torch.stack(last_hidden(aligned, tok, e.prompt)) for e in seen.benign()]
+    hh = [torch.stack([h[-1] for h in layer_inputs(aligned, tok, e.prompt)]) for e in seen.harmful()]
+    hb = [torch.stack([h[-1] for h in layer_inputs(aligned, tok, e.prompt)]) for e in seen.benign()]
     direct = torch.stack(hh).mean(0) - torch.stack(hb).mean(0)
     assert torch.allclose(patch.tensors["directions"].double(), direct, atol=1e-5)
 
-    # no layer given: the tuning loop chooses it among every layer (skip_last=0), c fixed as given
+    # no layer given: the tuning loop chooses it among the layers ≥ 1 (skip_last=0), c fixed as given
     ft = AutoModelForCausalLM.from_pretrained(tiny_models["finetuned"]).eval()
     coeff = 4.0
     result = api.apply(tmp_path / "patch", tiny_models["finetuned"], tmp_path / "out",
                        params={"skip_last": 0.0, "coeff": coeff}, device="cpu")
     tuning = result.report["tuning"]
-    assert [row["setting"] for row in tuning["candidates"]] == [{"layer": 0}, {"layer": 1}]
+    assert [row["setting"] for row in tuning["candidates"]] == [{"layer": 1}]
     best = result.report["layer"]
     assert tuning["chosen"] == {"layer": best} and result.report["coeff"] == coeff
 
-    # the baked checkpoint reloads with stock transformers and equals the hooked fine-tune
+    # the baked checkpoint reloads with stock transformers and equals the fine-tune with c·r_l added to
+    # the output of layer l − 1
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert cfg["attention_bias"] is True
+    assert cfg["mlp_bias"] is True
     repaired = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = torch.tensor([tok(format_prompt(tok, "w10 w11 w99 w5", "auto"))["input_ids"]])
-    h = added(ft, f"model.layers.{best}.self_attn.o_proj", coeff * direct[best].float())
+    h = added(ft, f"model.layers.{best - 1}", coeff * direct[best].float())
     want = ft(input_ids=ids).logits
     h.remove()
     assert torch.allclose(repaired(input_ids=ids).logits, want, atol=1e-4)
     assert not torch.allclose(ft(input_ids=ids).logits, want, atol=1e-4)  # the addition does something
     assert result.report["totals"]["parameters_changed"] == 0 and result.report["parameters_added"] == 32
-    # The zero q/k/v biases the config needs are written but not counted as edits.
-    assert result.report["totals"]["parameters_added"] == 32 and result.report["totals"]["tensors_added"] > 1
+    # The zero gate/up/down biases the config needs are written but not counted as edits.
+    assert result.report["totals"]["parameters_added"] == 32 and result.report["totals"]["tensors_added"] == 6
+
+
+@torch.no_grad()
+def test_the_direction_is_read_and_added_at_the_same_point(tiny_models, tmp_path):
+    """The hook point of the official code: r_l is read at the input of layer l, and c·r_l is added to
+    that same tensor, at every position (the earlier layers' inputs are unchanged): in the baked
+    checkpoint and with the hooks the tuning loop and the export use."""
+    from transformers import AutoModelForCausalLM
+
+    from realign.bake import add_to_outputs
+    from realign.methods.refusal import additions
+
+    tiny = save_tiny(tmp_path / "tiny3", layers=3)  # layers 1 and 2 can both take the direction
+    cal = calibration()
+    patch = api.prepare("refusal", tiny, calibration=cal, device="cpu")
+    tok = load_tokenizer(load_model(tiny))
+    ft = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    arch = load_model(tiny).arch
+    prompt = "w10 w11 w99 w5 w60"
+    plain = layer_inputs(ft, tok, prompt)
+    for layer, coeff in ((1, 0.5), (2, 2.0)):
+        r = patch.tensors["directions"][layer].double()
+        api.repair("refusal", tiny, tiny, tmp_path / f"l{layer}", calibration=cal, device="cpu",
+                   params={"layer": layer, "coeff": coeff})
+        baked = layer_inputs(AutoModelForCausalLM.from_pretrained(tmp_path / f"l{layer}").eval(), tok, prompt)
+        with add_to_outputs(ft, additions(patch, arch, layer, coeff)):
+            hooked = layer_inputs(ft, tok, prompt)
+        for got in (baked, hooked):
+            for l_read in range(layer):
+                assert torch.allclose(got[l_read], plain[l_read], atol=1e-6)  # nothing earlier moves
+            # the tensor r_l was read from is the one that moves, by c·r_l at every position
+            assert torch.allclose(got[layer] - plain[layer], (coeff * r).expand_as(plain[layer]), atol=1e-5)
 
 
 def test_apply_without_the_tuning_loop_needs_layer_and_coeff(tiny_models):
@@ -126,11 +162,11 @@ def test_given_layer_through_cli_and_refusals(tiny_models, tmp_path):
     assert prov["report"]["layer"] == 1 and "tuning" not in prov["report"]
     patch = api.prepare("refusal", tiny_models["aligned"], calibration=cal, device="cpu")
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        bias1 = f.get_tensor("model.layers.1.self_attn.o_proj.bias")
-        bias0 = f.get_tensor("model.layers.0.self_attn.o_proj.bias")
-        q0 = f.get_tensor("model.layers.0.self_attn.q_proj.bias")
-    assert torch.allclose(bias1, 2 * patch.tensors["directions"][1], atol=1e-6)
-    assert not bias0.any() and not q0.any()
+        down0 = f.get_tensor("model.layers.0.mlp.down_proj.bias")  # layer 1's input is layer 0's output
+        down1 = f.get_tensor("model.layers.1.mlp.down_proj.bias")
+        gate0 = f.get_tensor("model.layers.0.mlp.gate_proj.bias")
+    assert torch.allclose(down0, 2 * patch.tensors["directions"][1], atol=1e-6)
+    assert not down1.any() and not gate0.any()
 
     def one_line(result, *fragments):
         lines = [line for line in result.output.strip().splitlines() if line.strip()]
@@ -142,9 +178,12 @@ def test_given_layer_through_cli_and_refusals(tiny_models, tmp_path):
     one_line(runner.invoke(app, ["repair", "refusal", "-a", str(tiny_models["aligned"]), "-f",
                                  str(tiny_models["finetuned"]), "-c", str(cal), "--set", "layer=7", "--device", "cpu",
                                  "-o", str(tmp_path / "x")]), "layer=7")
-    mistral = save_tiny(tmp_path / "mistral", "mistral")  # no config flag for an o_proj bias
+    one_line(runner.invoke(app, ["repair", "refusal", "-a", str(tiny_models["aligned"]), "-f",
+                                 str(tiny_models["finetuned"]), "-c", str(cal), "--set", "layer=0", "--set", "coeff=1",
+                                 "--device", "cpu", "-o", str(tmp_path / "x")]), "layer=0", "embeddings")
+    mistral = save_tiny(tmp_path / "mistral", "mistral")  # no config flag for a down_proj bias
     one_line(runner.invoke(app, ["repair", "refusal", "-a", str(mistral), "-f", str(mistral), "-c", str(cal), "-o",
-                                 str(tmp_path / "x")]), "mistral", "o_proj a bias", "mode=export")
+                                 str(tmp_path / "x")]), "mistral", "down_proj a bias", "mode=export")
     assert not (tmp_path / "x").exists()
     # where no bias can be baked, the export carries the direction for lm-evaluation-harness
     res = api.repair("refusal", mistral, mistral, tmp_path / "export", calibration=cal, device="cpu",
@@ -152,7 +191,15 @@ def test_given_layer_through_cli_and_refusals(tiny_models, tmp_path):
     steer = torch.load(tmp_path / "export" / "steering.pt", weights_only=True)
     mpatch = api.prepare("refusal", mistral, calibration=cal, device="cpu", params={"mode": "export"})
     layer = res.report["layer"]
-    entry = steer[f"layers.{layer}.self_attn.o_proj"]
-    assert list(steer) == [f"layers.{layer}.self_attn.o_proj"] and entry["steering_coefficient"] == 3.0
+    entry = steer[f"layers.{layer - 1}"]  # the output of layer l − 1 is the input of layer l
+    assert list(steer) == [f"layers.{layer - 1}"] and entry["steering_coefficient"] == 3.0
     assert torch.allclose(entry["steering_vector"], mpatch.tensors["directions"][layer], atol=1e-6)
     assert not list((tmp_path / "export").glob("*.safetensors"))
+    # a patch whose directions were read at each layer's output (before the official hook point)
+    from realign.methods import get_method
+    from realign.methods.base import Patch, build_params
+
+    old = Patch("refusal", mpatch.params, {k: v for k, v in mpatch.meta.items() if k != "read_at"}, mpatch.tensors)
+    m = get_method("refusal")
+    with pytest.raises(RealignError, match="prepare it again"):
+        m.apply(old, load_model(mistral), None, build_params(m.Params, {"mode": "export", "layer": 1, "coeff": 1.0}))

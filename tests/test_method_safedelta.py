@@ -226,3 +226,25 @@ def test_bad_parameters_are_one_line_errors(tiny_models, tmp_path):
             api.repair("safedelta", tiny_models["aligned"], tiny_models["finetuned"], tmp_path / "x",
                        calibration=cal, params=params)
     assert not (tmp_path / "x").exists()
+
+
+def test_layer_by_layer_statistics_equal_one_forward_pass(tiny_models, tmp_path):
+    """prepare reads each layer's Grams layer by layer; an unedited model gives the same inputs as
+    one full forward pass with hooks."""
+    from realign.compute import load_model
+    from realign.methods.safedelta import factor_key, input_modules
+    from realign.sources import load_model as open_model
+    from realign.stats import collect, encode
+    from realign.tuning import split_heldout
+
+    cal = _calibration()
+    patch = api.prepare("safedelta", tiny_models["aligned"], tmp_path / "p", calibration=cal)
+    aligned = open_model(tiny_models["aligned"])
+    model, tok = load_model(aligned, device="cpu")
+    rows = [e for e in split_heldout(cal)[0].harmful() if e.safe_response]
+    encoded = encode(tok, [(e.prompt, e.safe_response) for e in rows], "auto", 256)
+    sources = sorted(set(input_modules(aligned.arch).values()))
+    stats = collect(model, aligned.arch, encoded, gram=sources, positions="all")
+    for source in sources:
+        expected, _ = inverse_factor(stats.gram[source] * (2.0 / len(encoded)), 0.01)
+        assert torch.allclose(patch.tensors[factor_key(source)], expected, rtol=1e-4, atol=1e-5), source

@@ -111,12 +111,16 @@ def test_mass_mean_direction_and_sigma():
 # ----------------------------------------------------------------------------- lock file, hooks, bake
 def test_lock_file_holds_heads_directions_sigma_and_source(setup):
     meta = json.loads((setup["lock"] / "patch.json").read_text())
-    assert meta["method"] == "safetylock" and meta["meta"]["format"] == "safetylock/1"
-    heads = meta["meta"]["heads"]
-    assert len(heads) == 3 and all({"layer", "head", "sigma"} <= set(h) for h in heads)
+    assert meta["method"] == "safetylock" and meta["meta"]["format"] == "safetylock/2"
+    heads = meta["meta"]["heads"]  # every head, in probe order: K is chosen at apply
+    assert len(heads) == 2 * 4 and all({"layer", "head", "sigma"} <= set(h) for h in heads)
+    scores = [h["val_accuracy"] for h in heads]
+    assert scores == sorted(scores, reverse=True)
+    assert meta["params"]["k"] == 3 and meta["report"]["heads_kept"] == 3
     assert meta["meta"]["source"]["path"] == str(Path(setup["aligned"]).resolve())
     assert meta["inputs"]["aligned"]["sha256"]
-    lock = Lock.load(setup["lock"])
+    assert len(Lock.load(setup["lock"], k=100)) == 8 and len(Lock.load(setup["lock"], k=1)) == 1
+    lock = Lock.load(setup["lock"])  # the K it was prepared with
     assert lock.theta.shape == (3, 8) and torch.allclose(lock.theta.norm(dim=1), torch.ones(3), atol=1e-5)
     assert all(s > 0 for s in lock.sigma.tolist())
     from realign.calibration import from_rows
@@ -125,6 +129,20 @@ def test_lock_file_holds_heads_directions_sigma_and_source(setup):
     seen = split_heldout(from_rows(pair_rows()))[0].pairs()  # the pairs prepare sees (the rest is held out)
     assert meta["report"]["samples"] == 2 * len(seen) * 5 - sum(  # T = 5 tokens per response, fewer when shorter
         max(0, 5 - len(getattr(e, k).split())) for e in seen for k in ("safe_response", "unsafe_response"))
+
+
+def test_positions_generated_locks_only_the_last_position_of_each_forward_call(setup):
+    lock = Lock.load(setup["lock"])
+    ft = AutoModelForCausalLM.from_pretrained(setup["finetuned"]).eval()
+    unlocked = logits(ft)
+    with lock.applied(ft, alpha=4, positions="generated"):
+        last_only = logits(ft)
+    # causal attention: a change at the last position cannot reach the earlier ones
+    assert torch.equal(last_only[:, :-1], unlocked[:, :-1])
+    assert not torch.allclose(last_only[:, -1], unlocked[:, -1], atol=1e-3)
+    with pytest.raises(RealignError, match="how=hooks"):
+        with lock.applied(ft, alpha=4, how="bias", positions="generated"):
+            pass
 
 
 def test_baked_checkpoint_equals_hooks_and_a_flagless_save_loses_the_lock(setup, tmp_path):
@@ -178,7 +196,7 @@ def test_head_dim_comes_from_the_config(tmp_path):
     assert lock.displacements(1.0)[lock.layers[0]].numel() == 48
     out = tmp_path / "baked"
     api.repair("safetylock", aligned=src, finetuned=src, out=out, calibration=from_rows(pair_rows(12)),
-               params={"k": 2})
+               params={"k": 2, "serve": "transformers"})  # vLLM builds Gemma's o_proj without a bias
     model = AutoModelForCausalLM.from_pretrained(src).eval()
     with lock.applied(model, alpha=6):
         hooked = logits(model)
@@ -211,9 +229,14 @@ def test_cli_repair_and_stage_rules(setup, tmp_path):
                             "--alpha", "-2", "--out", str(tmp_path / "r")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "r" / "realign.json").read_text())["parameters"]["alpha"] == -2.0
-    r = runner.invoke(app, ["apply", str(setup["lock"]), "--finetuned", str(setup["finetuned"]), "--set", "k=5",
-                            "--out", str(tmp_path / "x")])
+    r = runner.invoke(app, ["apply", str(setup["lock"]), "--finetuned", str(setup["finetuned"]), "--set",
+                            "last_tokens=3", "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "fixed when the patch is prepared" in r.output and not (tmp_path / "x").exists()
+    # K is chosen at apply: the lock file holds every head in probe order
+    r = runner.invoke(app, ["apply", str(setup["lock"]), "--finetuned", str(setup["finetuned"]), "--set", "k=5",
+                            "--out", str(tmp_path / "k5")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "k5" / "realign.json").read_text())["report"]["heads"] == 5
     r = runner.invoke(app, ["apply", str(setup["lock"]), "--finetuned", str(setup["finetuned"]), "--mode", "hooks",
                             "--out", str(tmp_path / "y")])
     assert r.exit_code != 0 and "bake, export" in r.output

@@ -71,8 +71,16 @@ def _describe_input(model: Model | None, hashes: bool = True) -> dict[str, Any] 
     if model is None:
         return None
     info: dict[str, Any] = {"ref": model.ref, "path": str(model.path)}
+    if model.hub_id:
+        info["hub_id"] = model.hub_id
+        if model.revision:
+            info["revision"] = model.revision
     if model.is_adapter and model.base is not None:
         info["base"] = model.base.ref
+        if model.base.hub_id:
+            info["base_hub_id"] = model.base.hub_id
+            if model.base.revision:
+                info["base_revision"] = model.base.revision
     if hashes:
         info["sha256"] = weights_sha256(model)
     return info
@@ -373,7 +381,7 @@ def apply(
                 (tmp / name).write_bytes(data)
             kind = "export"
         elif want_adapter:
-            _write_adapter_output(tmp, ft, edit, report)
+            _write_adapter_output(tmp, ft, edit, report, out)
             kind = "PEFT LoRA adapter"
         else:
             _write_checkpoint(tmp, ft, edit, report, parse_size(max_shard_size))
@@ -468,9 +476,7 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
     per_tensor: dict[str, int] = {}
     store = ft.weights
     specs: list[OutTensor] = []
-    adapter_touched = set()
-    if ft.adapter is not None:
-        adapter_touched = {f"{m}.weight" for m in ft.adapter.modules} | set(ft.adapter.full_tensors)
+    adapter_touched = ft.adapter_tensors  # read through the adapter, never copied from the base's files
     for name in ft.tensor_names:
         dtype, shape = ft.dtype(name), ft.shape(name)
         if name in edit.transforms:
@@ -499,6 +505,7 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
     bar = progress(range(len(specs)), desc="writing tensors", total=len(specs), unit="tensor")
     write_sharded(tmp, specs, max_shard_bytes=max_shard_bytes, on_tensor=lambda _t: next(bar, None))
     config = json.loads((ft.config_dir / "config.json").read_text())
+    config.update(ft.config_updates)  # what an adapter's dense view changes (e.g. an untied output layer)
     config.update(edit.config_updates)
     write_json(tmp / "config.json", _without_remote_code(config, report))
     copy_side_files([ft.tokenizer_dir, ft.config_dir], tmp, TOKENIZER_FILES + ("generation_config.json",))
@@ -509,13 +516,17 @@ def _write_checkpoint(tmp: Path, ft: Model, edit: Edit, report: dict, max_shard_
             write_json(tok_config, _without_remote_code(data, report))
     total = ft.num_parameters()
     added = counts["parameters_added"]
+    linear = {name for _l, _r, name in ft.arch.linear_weights()}
+    linear_changed = sum(n for name, n in per_tensor.items() if name in linear)
     report["totals"] = {
         **report.get("totals", {}),
         "tensors_changed": counts["tensors_changed"],
         "parameters_changed": counts["parameters_changed"],
         "parameters_total": total,
         "percent_changed": round(100.0 * counts["parameters_changed"] / max(total, 1), 4),
-        "percent_of_linear_weights": round(100.0 * counts["parameters_changed"] / max(_linear_numel(ft), 1), 4),
+        # only the changes IN the linear weights (a revert also changes embeddings and norms)
+        "linear_parameters_changed": linear_changed,
+        "percent_of_linear_weights": round(100.0 * linear_changed / max(_linear_numel(ft), 1), 4),
         "tensors_added": len(edit.added),
         "parameters_added": added,
         # Changed and added together (e.g. baked biases), of all parameters: the demo's "edited" column.
@@ -537,14 +548,23 @@ def _without_remote_code(config: dict, report: dict) -> dict:
     return {k: v for k, v in config.items() if k not in REMOTE_CODE_KEYS}
 
 
-def _write_adapter_output(tmp: Path, ft: Model, edit: Edit, report: dict) -> None:
+def portable_base(base: Model, out: str | os.PathLike) -> tuple[str, str | None]:
+    """How an adapter written to ``out`` names its base: the hub id (and revision) when the base came
+    from the hub, else the base's path relative to ``out`` (so the two can move together; realign
+    resolves it against the adapter directory). The absolute path goes to realign.json only."""
+    if base.hub_id:
+        return base.hub_id, base.revision
+    target = Path(base.path).resolve()
+    return os.path.relpath(target, Path(out).resolve()), None
+
+
+def _write_adapter_output(tmp: Path, ft: Model, edit: Edit, report: dict, out: str | os.PathLike) -> None:
     assert edit.adapter is not None
     config = dict(edit.adapter["config"])
-    base_ref = config.get("base_model_name_or_path")
-    if ft.base is not None and base_ref and not Path(str(base_ref)).is_absolute() and Path(ft.base.path).exists():
-        # A base named relative to the input adapter (e.g. "../aligned") would point elsewhere from
-        # the output directory: name it absolutely so the output loads anywhere.
-        config["base_model_name_or_path"] = str(Path(ft.base.path).resolve())
+    if ft.base is not None:
+        config["base_model_name_or_path"], config["revision"] = portable_base(ft.base, out)
+        report["base_model"] = {"written": config["base_model_name_or_path"], "revision": config["revision"],
+                                "path": str(Path(ft.base.path).resolve())}
     write_adapter(tmp, config, edit.adapter["tensors"])
     copy_side_files([ft.path] if ft.is_adapter else [], tmp, TOKENIZER_FILES)
     changed = 0

@@ -31,8 +31,11 @@ _PHI3 = {
 
 # o_bias_flag: the config key that gives every attention projection (q, k, v, o) a bias, so an
 # added o_proj bias survives a reload with stock transformers; None where no config can carry one.
+# mlp_bias_flag: the same for the MLP projections (gate, up, down), in families whose decoder
+# layer adds down_proj's output to the residual stream as it is (times a constant), so that a
+# down_proj bias adds a fixed vector to the layer's output.
 FAMILIES: dict[str, dict[str, Any]] = {
-    "llama": {"modules": _LLAMA_LIKE, "o_bias_flag": "attention_bias"},
+    "llama": {"modules": _LLAMA_LIKE, "o_bias_flag": "attention_bias", "mlp_bias_flag": "mlp_bias"},
     "mistral": {"modules": _LLAMA_LIKE, "o_bias_flag": None},
     "qwen2": {"modules": _LLAMA_LIKE, "o_bias_flag": None},
     "qwen3": {"modules": _LLAMA_LIKE, "o_bias_flag": "attention_bias"},
@@ -40,7 +43,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma2": {"modules": _LLAMA_LIKE, "o_bias_flag": "attention_bias"},
     "gemma3_text": {"modules": _LLAMA_LIKE, "o_bias_flag": "attention_bias"},
     "olmo2": {"modules": _LLAMA_LIKE, "o_bias_flag": "attention_bias"},
-    "granite": {"modules": _LLAMA_LIKE, "o_bias_flag": "attention_bias"},
+    "granite": {"modules": _LLAMA_LIKE, "o_bias_flag": "attention_bias", "mlp_bias_flag": "mlp_bias"},
     "phi3": {"modules": _PHI3, "o_bias_flag": None, "fused": {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}},
 }
 LAYER_PREFIX = "model.layers.{layer}"
@@ -64,6 +67,7 @@ class Arch:
     modules: dict[str, str] = field(repr=False)
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
     o_bias_flag: str | None = None
+    mlp_bias_flag: str | None = None
 
     @property
     def roles(self) -> list[str]:
@@ -144,4 +148,5 @@ def arch_from_config(config: dict[str, Any]) -> Arch:
         modules=dict(spec["modules"]),
         fused=dict(spec.get("fused", {})),
         o_bias_flag=spec["o_bias_flag"],
+        mlp_bias_flag=spec.get("mlp_bias_flag"),
     )

@@ -231,16 +231,18 @@ def add_lora(model, rank: int = 8, alpha: float | None = None, dropout: float = 
     return get_peft_model(model, config)
 
 
-def save_lora(peft_model, tokenizer, out_dir: Path, base_ref: str) -> None:
+def save_lora(peft_model, tokenizer, out_dir: Path, base_ref: str, revision: str | None = None) -> None:
     """Write the adapter (adapter_config.json + adapter_model.safetensors) and the tokenizer.
 
-    ``base_ref`` goes into ``base_model_name_or_path`` as given; a relative path is resolved
-    against the adapter directory by realign's loaders.
+    ``base_ref`` goes into ``base_model_name_or_path`` as given (and ``revision`` into PEFT's
+    field of that name); a relative path is resolved against the adapter directory by realign's
+    loaders.
     """
     peft_model.save_pretrained(str(out_dir), safe_serialization=True)
     cfg_path = out_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = base_ref
+    cfg["revision"] = revision
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     tokenizer.save_pretrained(str(out_dir))
 
@@ -511,17 +513,21 @@ def attack(
         max_length=max_length,
     )
     trained, log = run_attack(model, tokenizer, samples, mode, cfg, template, rank=rank, alpha=alpha)
+    from realign.sources import split_ref
+
     local = Path(str(model_ref)).expanduser()
-    base_ref = str(local.resolve()) if local.is_dir() else str(model_ref)
+    # Portable: a hub id as the hub knows it, a local base relative to the adapter (absolute in the record).
+    hub_id, revision = (None, None) if local.is_dir() else split_ref(str(model_ref))
+    base_ref = os.path.relpath(local.resolve(), out_path.resolve()) if local.is_dir() else str(hub_id)
     n_harm = sum(s.harmful for s in samples)
     with atomic_output(out_path, force=force, inputs=read) as tmp:
         if mode == "lora":
-            save_lora(trained, tokenizer, tmp, base_ref)
+            save_lora(trained, tokenizer, tmp, base_ref, revision)
         else:
             save_full(trained, tokenizer, tmp)
         record = {
             "attack": {
-                "model": base_ref,
+                "model": str(local.resolve()) if local.is_dir() else str(model_ref),
                 "task": task,
                 "harmful_ratio": harmful_ratio,
                 "mode": mode,

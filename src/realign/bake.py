@@ -30,9 +30,10 @@ from contextlib import contextmanager
 
 import torch
 
-from realign.archs import Arch
+from realign.archs import LAYER_PREFIX, Arch
 from realign.errors import RealignError
 from realign.methods.base import Added, Edit
+from realign.serving import check_bake_served, unserved_note
 from realign.sources import Model
 
 # lm-evaluation-harness resolves hookpoints in ``model.base_model.named_modules()``: for a plain
@@ -108,9 +109,13 @@ def _module(model, name: str) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------- 1. hooks
 @contextmanager
-def add_to_inputs(model, additions: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def add_to_inputs(model, additions: Mapping[str, torch.Tensor], positions: str = "all") -> Iterator[None]:
     """Forward pre-hooks adding ``additions[name]`` to the (last dimension of the) input of each
-    named module, at every position; removed on exit."""
+    named module, removed on exit. ``positions="all"``: at every position (what a baked bias does);
+    ``"last"``: at the last position of each forward call only — ITI's scheme, which during cached
+    generation means the last prompt token and then every generated token, never the prompt."""
+    if positions not in ("all", "last"):
+        raise RealignError(f"positions={positions!r}: use all or last")
     handles = []
 
     def make(vec: torch.Tensor):
@@ -121,6 +126,10 @@ def add_to_inputs(model, additions: Mapping[str, torch.Tensor]) -> Iterator[None
             key = (x.device, x.dtype)
             if key not in cache:  # one cast per device/dtype, not one per forward call
                 cache[key] = vec.to(device=x.device, dtype=x.dtype)
+            if positions == "last":
+                x = x.clone()
+                x[..., -1, :] += cache[key]
+                return (x, *args[1:])
             return (x + cache[key], *args[1:])
         return hook
 
@@ -201,15 +210,20 @@ def check_bakeable(arch: Arch, method: str) -> str:
     return arch.o_bias_flag
 
 
-def o_bias_edit(model: Model, vectors: Mapping[int, Callable[[], torch.Tensor]], method: str) -> Edit:
+def o_bias_edit(model: Model, vectors: Mapping[int, Callable[[], torch.Tensor]], method: str,
+                serve: str | None = None) -> Edit:
     """The Edit that bakes ``o_proj(x) + v_l`` into a checkpoint of ``model``.
 
     ``vectors[l]()`` returns ``v_l`` (float32, hidden size); it is called when the writer reaches
     that tensor, so at most one layer's weights are read at a time. The family's flag gives every
     attention projection of every layer a bias, so every layer gets all four: q/k/v zero (unless
-    the checkpoint has them already), o = ``v_l`` or zero (added to an existing o bias)."""
+    the checkpoint has them already), o = ``v_l`` or zero (added to an existing o bias).
+
+    ``serve``: the servers it must work in (``realign.serving``; None: all, for a method without
+    a ``serve`` parameter); a server that would drop the biases is refused."""
     arch = model.arch
     flag = check_bakeable(arch, method)
+    servers = check_bake_served(arch.family, "o_proj", method, serve)
     bad = [layer for layer in vectors if not 0 <= layer < arch.num_layers]
     if bad:
         raise RealignError(f"{method}: layer {bad[0]} is outside the model's {arch.num_layers} layers")
@@ -229,23 +243,75 @@ def o_bias_edit(model: Model, vectors: Mapping[int, Callable[[], torch.Tensor]],
             elif name not in model:
                 edit.added[name] = Added((out_dim,), dtype, lambda n=out_dim, dt=dtype: torch.zeros(n, dtype=dt))
     edit.report["bake"] = {"config_flag": flag, "layers_with_vectors": sorted(vectors),
-                           "biases_added": len(edit.added)}
+                           "biases_added": len(edit.added), "servers": servers}
+    if note := unserved_note(servers):
+        edit.report.setdefault("notes", []).append(note)
+    return edit
+
+
+def block_output_edit(model: Model, vectors: Mapping[int, Callable[[], torch.Tensor]], method: str,
+                      serve: str | None = None) -> Edit:
+    """The Edit that bakes "add v_l to the output of decoder layer l" (the residual stream entering
+    layer l + 1) into a checkpoint of ``model``: ``v_l`` becomes the bias of layer l's ``down_proj``,
+    whose output the layer adds to the residual stream as it is (Granite scales it by its
+    ``residual_multiplier``, so the bias is divided by it). The family's flag (``mlp_bias``) gives
+    every gate/up/down projection a bias, so every layer gets all three (zero where nothing is
+    added). Families without that flag, or whose MLP output passes a norm before the residual
+    (Gemma 2/3, OLMo 2), are refused: use an export or hooks on the layer's output."""
+    arch = model.arch
+    if arch.mlp_bias_flag is None:
+        raise RealignError(
+            f"{method}: {arch.family} configs cannot give down_proj a bias that adds to a decoder layer's output, so "
+            "a baked checkpoint would lose the addition when reloaded; use --set mode=export (a steering file for "
+            "lm-evaluation-harness) or hooks on the layer's output"
+        )
+    servers = check_bake_served(arch.family, "down_proj", method, serve)
+    bad = [layer for layer in vectors if not 0 <= layer < arch.num_layers]
+    if bad:
+        raise RealignError(f"{method}: layer {bad[0]} is outside the model's {arch.num_layers} layers")
+    scale = float(model.config.get("residual_multiplier", 1.0)) if arch.family == "granite" else 1.0
+    edit = Edit(config_updates={arch.mlp_bias_flag: True})
+    for layer in range(arch.num_layers):
+        for role in ("gate", "up", "down"):
+            weight = arch.weight_name(layer, role)
+            name = arch.module_name(layer, role) + ".bias"
+            out_dim = model.shape(weight)[0]
+            dtype = model.dtype(weight)
+            if role == "down" and layer in vectors:
+                produce = vectors[layer]
+                if name in model:
+                    edit.transforms[name] = lambda old, f=produce: old.float() + f().to(old.device) / scale
+                else:
+                    edit.added[name] = Added((out_dim,), dtype, lambda f=produce, dt=dtype: (f() / scale).to(dt))
+            elif name not in model:
+                edit.added[name] = Added((out_dim,), dtype, lambda n=out_dim, dt=dtype: torch.zeros(n, dtype=dt))
+    edit.report["bake"] = {"config_flag": arch.mlp_bias_flag, "down_proj_bias_of_layers": sorted(vectors),
+                           "biases_added": len(edit.added), "servers": servers}
+    if note := unserved_note(servers):
+        edit.report.setdefault("notes", []).append(note)
     return edit
 
 
 # ----------------------------------------------------------------------------- 3. lm-eval export
-def hookpoint(arch: Arch, layer: int, peft: bool = False) -> str:
-    """lm-eval's name of layer ``layer``'s ``o_proj`` (its output is the attention output)."""
-    name = arch.module_name(layer, "o").removeprefix(_DECODER_PREFIX)
+def hookpoint(arch: Arch, layer: int, peft: bool = False, at: str = "attention") -> str:
+    """lm-eval's name of layer ``layer``'s ``o_proj`` (its output is the attention output), or with
+    ``at="block"`` of the decoder layer itself (its output is the residual stream entering the next)."""
+    name = (layer_module(arch, layer) if at == "block" else arch.module_name(layer, "o")).removeprefix(_DECODER_PREFIX)
     return _PEFT_PREFIX + name if peft else name
 
 
+def layer_module(arch: Arch, layer: int) -> str:
+    """The module name of decoder layer ``layer`` (``model.layers.{layer}``)."""
+    return LAYER_PREFIX.format(layer=layer)
+
+
 def steering_config(arch: Arch, vectors: Mapping[int, torch.Tensor], coefficient: float = 1.0,
-                    peft: bool = False) -> dict[str, dict]:
+                    peft: bool = False, at: str = "attention") -> dict[str, dict]:
     """The content of a steer_path ``.pt`` file of lm-evaluation-harness's ``steered`` model: per
-    hookpoint, ``coefficient · vector`` is added to that module's output at every position."""
+    hookpoint (``hookpoint(arch, layer, peft, at)``), ``coefficient · vector`` is added to that
+    module's output at every position."""
     return {
-        hookpoint(arch, layer, peft): {
+        hookpoint(arch, layer, peft, at): {
             "steering_vector": vec.detach().float().cpu().contiguous(),
             "steering_coefficient": float(coefficient),
             "action": "add",
@@ -264,21 +330,31 @@ def steering_bytes(config: Mapping[str, dict]) -> bytes:
 
 
 def steering_readme(model_ref: str, method: str, coefficient: float, hookpoints: list[str], peft: bool,
-                    base_ref: str | None = None) -> str:
-    """A short README for an export directory."""
+                    base_ref: str | None = None, at: str = "attention") -> str:
+    """A short README for an export directory (``at``: the hookpoints are ``o_proj`` modules, or
+    whole decoder layers with ``"block"``)."""
+    module = "layers.N" if at == "block" else "layers.N.self_attn.o_proj"
     if peft:
         load = f"pretrained={base_ref},peft={model_ref},steer_path=STEERING"
         where = "the LoRA fine-tune is loaded as a PEFT model (hookpoints carry the `model.model.` prefix)"
     else:
         load = f"pretrained={model_ref},steer_path=STEERING"
-        where = "hookpoints are module names under the decoder (`layers.N.self_attn.o_proj`)"
+        where = f"hookpoints are module names under the decoder (`{module}`)"
+    if at == "block":
+        what = [f"`{STEERING_FILE}` holds, for each of {len(hookpoints)} decoder layers, a vector that lm-eval's "
+                "`steered` model adds to that layer's output (the residual stream entering the next layer) at every "
+                f"position, times `steering_coefficient` (= {coefficient:g}; edit it to change the strength); "
+                f"{where}. A decoder layer returns a tensor in transformers 5 and a tuple in 4.x: the `steered` model "
+                "must add to the hidden state (the tuple's first element)."]
+    else:
+        what = [f"`{STEERING_FILE}` holds, for each of {len(hookpoints)} attention layers, a vector that lm-eval's "
+                "`steered` model adds to the output of that layer's `o_proj` (the attention output) at every "
+                f"position, times `steering_coefficient` (= alpha = {coefficient:g}; edit it to change the strength). "
+                f"The vectors were computed with this fine-tune's own output projections; {where}."]
     return "\n".join([
         f"# {method} steering file for lm-evaluation-harness",
         "",
-        f"`{STEERING_FILE}` holds, for each of {len(hookpoints)} attention layers, a vector that lm-eval's `steered` "
-        f"model adds to the output of that layer's `o_proj` (the attention output) at every position, times "
-        f"`steering_coefficient` (= alpha = {coefficient:g}; edit it to change the strength). The vectors were "
-        f"computed with this fine-tune's own output projections; {where}.",
+        *what,
         "",
         "```",
         f"lm_eval --model steered --model_args {load.replace('STEERING', 'THIS_DIR/' + STEERING_FILE)} --tasks TASKS",
@@ -293,5 +369,5 @@ def steering_readme(model_ref: str, method: str, coefficient: float, hookpoints:
 
 
 __all__ = ["single_threaded", "output_vector", "add_to_inputs", "add_to_outputs", "install_biases", "biased",
-           "check_bakeable", "o_bias_edit", "hookpoint", "steering_config", "steering_bytes", "steering_readme",
-           "STEERING_FILE"]
+           "check_bakeable", "o_bias_edit", "block_output_edit", "layer_module", "hookpoint", "steering_config",
+           "steering_bytes", "steering_readme", "STEERING_FILE"]

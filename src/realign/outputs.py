@@ -53,6 +53,8 @@ def input_paths(*items: object) -> list[Path]:
             local = Path(item).expanduser()
             if local.exists():
                 out.append(local.resolve())
+            elif isinstance(item, str) and "+" in item:  # BASE+ADAPTER: both are inputs
+                out += input_paths(*item.split("+", 1))
     return list(dict.fromkeys(out))
 
 

@@ -17,12 +17,12 @@ Available statistics (per linear module, over the selected token positions):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from realign.archs import Arch
+from realign.archs import LAYER_PREFIX, Arch
 from realign.progress import progress
 from realign.prompts import format_prompt, resolve_template
 
@@ -106,6 +106,108 @@ class Stats:
         return self.sqnorm[module].sqrt()
 
 
+BLOCK_GRAM = 512  # Gram matrices at least this wide are summed by blocks (Accumulator._add_gram)
+
+
+class Accumulator:
+    """Forward hooks on named linear modules of ``model`` that add the current batch's selected
+    token positions (``batch(mask)``) to the running sums of ``stats``. It serves a forward of the
+    whole model (``collect``) as well as one decoder layer run on its own (``realign.layerwise``):
+    the hooks sit on the modules, whatever calls them. ``finish()`` completes the sums after the
+    last batch; ``remove()`` takes the hooks off."""
+
+    def __init__(self, model, stats: Stats, *, gram: Sequence[str] = (), out_gram: Sequence[str] = (),
+                 sqnorm: Sequence[str] = (), capture: Sequence[str] = (),
+                 project: Mapping[str, torch.Tensor] | None = None):
+        self.stats = stats
+        self.mask: torch.Tensor | None = None
+        self.handles: list = []
+        self._mirror: list[tuple[dict[str, torch.Tensor], str]] = []
+        device = next(model.parameters()).device
+        project = {name: p.to(device=device, dtype=torch.float32) for name, p in (project or {}).items()}
+        gram, sqnorm, capture = set(gram), set(sqnorm), set(capture)
+        # A bias-free float32 module's output IS S = X Wᵀ: read it instead of multiplying again (the
+        # output Gram then costs no more than an input Gram). Lower precisions recompute in float32.
+        from_output = set()
+        for name in out_gram:
+            module = model.get_submodule(name)
+            if getattr(module, "bias", None) is None and module.weight.dtype == torch.float32:
+                from_output.add(name)
+                self.handles.append(module.register_forward_hook(self._out_hook(name)))
+        recompute = set(out_gram) - from_output
+        for name in sorted(gram | recompute | sqnorm | capture | set(project)):
+            self.handles.append(model.get_submodule(name).register_forward_pre_hook(
+                self._pre_hook(name, name in gram, name in recompute, name in sqnorm, name in capture,
+                               project.get(name))))
+
+    def batch(self, mask: torch.Tensor) -> None:
+        """The (B, T) bool mask of the positions that count in the next forward call."""
+        self.mask = mask
+        self.stats.tokens += int(mask.sum())
+        self.stats.examples += mask.shape[0]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    @staticmethod
+    def _add(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+        store[name] = store[name] + value if name in store else value
+
+    def _add_gram(self, store: dict[str, torch.Tensor], name: str, s: torch.Tensor) -> None:
+        """store[name] += sᵀs, in place. From ``BLOCK_GRAM`` columns on, only the upper 2 × 2 block
+        triangle is summed (3/4 of the products); ``finish`` mirrors it."""
+        d = s.shape[1]
+        if d < BLOCK_GRAM:
+            if name in store:
+                store[name].addmm_(s.T, s)
+            else:
+                store[name] = s.T @ s
+            return
+        if name not in store:
+            store[name] = s.new_zeros(d, d)
+            self._mirror.append((store, name))
+        g, b = store[name], d // 2
+        a1, a2 = s[:, :b], s[:, b:]
+        g[:b, :b].addmm_(a1.T, a1)
+        g[:b, b:].addmm_(a1.T, a2)
+        g[b:, b:].addmm_(a2.T, a2)
+
+    def finish(self) -> None:
+        """Complete the Gram matrices summed by blocks (call once, after the last batch)."""
+        for store, name in self._mirror:
+            g = store[name]
+            b = g.shape[0] // 2
+            g[b:, :b] = g[:b, b:].T
+        self._mirror.clear()
+
+    def _pre_hook(self, name: str, gram: bool, out_gram: bool, sqnorm: bool, capture: bool,
+                  project: torch.Tensor | None):
+        stats = self.stats
+
+        def hook(module, args):
+            x = args[0]
+            sel = x[self.mask.to(x.device)].float()  # (selected tokens, d_in)
+            if gram:
+                self._add_gram(stats.gram, name, sel)
+            if out_gram:
+                self._add_gram(stats.out_gram, name, sel @ module.weight.float().T)
+            if project is not None:
+                self._add_gram(stats.proj_gram, name, sel @ project.T)
+            if sqnorm:
+                self._add(stats.sqnorm, name, (sel * sel).sum(0))
+            if capture:
+                counts = self.mask.sum(1).tolist()
+                stats.capture.setdefault(name, []).extend(t.cpu() for t in sel.split(counts))
+        return hook
+
+    def _out_hook(self, name: str):
+        def hook(module, args, output):
+            self._add_gram(self.stats.out_gram, name, output[self.mask.to(output.device)])
+        return hook
+
+
 @torch.no_grad()
 def collect(
     model,
@@ -118,93 +220,70 @@ def collect(
     capture: Sequence[str] = (),
     project: Mapping[str, torch.Tensor] | None = None,
     hidden: bool = False,
+    hidden_at: str = "output",
     positions: str = "response",
     last_k: int = 1,
     batch_size: int = 8,
     desc: str = "calibration pass",
 ) -> Stats:
-    """One forward pass over ``encoded`` (module names are those of ``arch.module_name``)."""
+    """One forward pass over ``encoded`` (module names are those of ``arch.module_name``).
+
+    ``hidden``: per example, each decoder layer's hidden state at the last prompt token, read at
+    ``hidden_at``: ``output`` (layer l's output; the last layer's before the final norm) or
+    ``input`` (the residual stream entering layer l: the embeddings for l = 0, else layer l − 1's
+    output)."""
+    if hidden_at not in ("output", "input"):
+        raise ValueError("hidden_at must be output or input")
     device = next(model.parameters()).device
     stats = Stats()
-    project = {name: p.to(device=device, dtype=torch.float32) for name, p in (project or {}).items()}
-    state: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def pre_hook(name: str):
-        def hook(module, args):
-            x = args[0]
-            sel = x[state["mask"].to(x.device)].float()  # (selected tokens, d_in)
-            if name in gram:
-                g = sel.T @ sel
-                stats.gram[name] = stats.gram[name] + g if name in stats.gram else g
-            if name in out_gram and name not in from_output:
-                s = sel @ module.weight.float().T
-                g = s.T @ s
-                stats.out_gram[name] = stats.out_gram[name] + g if name in stats.out_gram else g
-            if name in project:
-                s = sel @ project[name].T
-                g = s.T @ s
-                stats.proj_gram[name] = stats.proj_gram[name] + g if name in stats.proj_gram else g
-            if name in sqnorm:
-                q = (sel * sel).sum(0)
-                stats.sqnorm[name] = stats.sqnorm[name] + q if name in stats.sqnorm else q
-            if name in capture:
-                counts = state["mask"].sum(1).tolist()
-                stats.capture.setdefault(name, []).extend(t.cpu() for t in sel.split(counts))
-        return hook
-
-    def out_hook(name: str):
-        def hook(module, args, output):
-            s = output[state["mask"].to(output.device)]
-            g = s.T @ s
-            stats.out_gram[name] = stats.out_gram[name] + g if name in stats.out_gram else g
-        return hook
-
-    # A bias-free float32 module's output IS S = X Wᵀ: read it instead of multiplying again (the
-    # output Gram then costs no more than an input Gram). Lower precisions recompute in float32.
-    from_output = set()
-    for name in out_gram:
-        module = model.get_submodule(name)
-        if getattr(module, "bias", None) is None and module.weight.dtype == torch.float32:
-            from_output.add(name)
-            handles.append(module.register_forward_hook(out_hook(name)))
-    for name in {*gram, *out_gram, *sqnorm, *capture, *project} - (from_output - {*gram, *sqnorm, *capture, *project}):
-        handles.append(model.get_submodule(name).register_forward_pre_hook(pre_hook(name)))
-    hidden_rows: list[torch.Tensor] = []
-    # transformers' last hidden state comes after the final norm; the last layer's own output is
-    # that norm's input, captured here so every layer is on the residual stream's scale.
-    final_in: list[torch.Tensor] = []
-    final_norm = final_norm_name(model, arch) if hidden else None
+    acc = Accumulator(model, stats, gram=gram, out_gram=out_gram, sqnorm=sqnorm, capture=capture, project=project)
+    handles = acc.handles
+    # Layer inputs are read by hooks on the layers. Outputs come from transformers' hidden_states
+    # ([l + 1] is layer l's output), except the last one, which comes after the final norm: the
+    # last layer's own output is that norm's input, captured here so every layer is on the
+    # residual stream's scale.
+    seen: list[torch.Tensor] = []
+    if hidden and hidden_at == "input":
+        for layer in range(arch.num_layers):
+            handles.append(model.get_submodule(layer_name(arch, layer)).register_forward_pre_hook(
+                lambda _m, args, kwargs: seen.append(_hidden_arg(args, kwargs).detach()), with_kwargs=True))
+    final_norm = final_norm_name(model, arch) if hidden and hidden_at == "output" else None
     if final_norm:
         handles.append(model.get_submodule(final_norm).register_forward_pre_hook(
-            lambda _m, args: final_in.append(args[0].detach())))
+            lambda _m, args: seen.append(args[0].detach())))
+    hidden_rows: list[torch.Tensor] = []
     try:
-        order = list(range(len(encoded)))
-        for start in progress(range(0, len(order), batch_size), desc=desc,
-                              total=(len(order) + batch_size - 1) // batch_size, unit="batch"):
-            batch = [encoded[i] for i in order[start:start + batch_size]]
+        for start in progress(range(0, len(encoded), batch_size), desc=desc,
+                              total=(len(encoded) + batch_size - 1) // batch_size, unit="batch"):
+            batch = list(encoded[start:start + batch_size])
             ids, attn = padded(batch)
-            length = ids.shape[1]
-            state["mask"] = position_mask(batch, length, positions, last_k)
-            stats.tokens += int(state["mask"].sum())
-            stats.examples += len(batch)
-            out = model(input_ids=ids.to(device), attention_mask=attn.to(device), output_hidden_states=hidden,
-                        use_cache=False)
+            acc.batch(position_mask(batch, ids.shape[1], positions, last_k))
+            seen.clear()
+            out = model(input_ids=ids.to(device), attention_mask=attn.to(device),
+                        output_hidden_states=hidden and hidden_at == "output", use_cache=False)
             if hidden:
                 last = torch.tensor([e.prompt_len - 1 for e in batch], device=device)
                 rows = torch.arange(len(batch), device=device)
-                # hidden_states[0] is the embedding output; [l + 1] is layer l's output.
-                per_layer = [h[rows, last].float().cpu() for h in out.hidden_states[1:]]
-                if final_in:
-                    per_layer[-1] = final_in.pop()[rows, last].float().cpu()
-                    final_in.clear()
-                hidden_rows.append(torch.stack(per_layer, dim=1))
+                per_layer = list(seen) if hidden_at == "input" else list(out.hidden_states[1:])
+                if final_norm and seen:
+                    per_layer[-1] = seen[-1]
+                hidden_rows.append(torch.stack([h[rows.to(h.device), last.to(h.device)].float().cpu()
+                                                for h in per_layer], dim=1))
+        acc.finish()
     finally:
-        for h in handles:
-            h.remove()
+        acc.remove()
     if hidden_rows:
         stats.hidden = torch.cat(hidden_rows)
     return stats
+
+
+def layer_name(arch: Arch, layer: int) -> str:
+    """The module name of decoder layer ``layer``."""
+    return LAYER_PREFIX.format(layer=layer)
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _batches(encoded: Sequence[Encoded], batch_size: int, positions: str, last_k: int = 1):
@@ -262,6 +341,87 @@ def loss_gradients(
             p.grad = None
             p.requires_grad_(saved[n])
     return grads
+
+
+def example_gradient_sums(
+    model,
+    encoded: Sequence[Encoded],
+    modules: Sequence[str],
+    *,
+    transform: Mapping[str, Callable[[torch.Tensor], tuple[torch.Tensor, ...]]] | None = None,
+    positions: str = "response",
+    batch_size: int = 8,
+    desc: str = "per-example gradient pass",
+) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Σ_n |∂L_n/∂W| for the weight W of each named linear module, L_n being the mean next-token
+    NLL of example n's tokens at ``positions`` (as a causal-LM loss with labels computes it), in
+    float32 on the model's device. ``transform[name]`` maps each example's gradient G_n to the
+    tensors whose absolute values are summed instead (e.g. the gradients of a LoRA factor pair).
+
+    One forward + backward pass per batch: the backward of Σ_n L_n gives each example's output
+    gradient δ_n separately (examples do not interact), and G_n = δ_nᵀ X_n is formed from the
+    module's input X_n, one example at a time. No parameter gets a gradient, so memory is the
+    model, the batch's activations and one sum per module."""
+    device = next(model.parameters()).device
+    transform = transform or {}
+    sums: dict[str, list[torch.Tensor]] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def on_grad(name: str):
+        def hook(g: torch.Tensor) -> None:
+            x = inputs.pop(name)
+            fn = transform.get(name, lambda grad: (grad,))
+            for n in range(g.shape[0]):
+                parts = fn(g[n].float().T @ x[n].float())
+                if name not in sums:
+                    sums[name] = [torch.zeros_like(t) for t in parts]
+                for acc, t in zip(sums[name], parts, strict=True):
+                    acc.add_(t.abs())
+        return hook
+
+    def forward_hook(name: str):
+        def hook(_module, args, out):
+            inputs[name] = args[0].detach()
+            out.register_hook(on_grad(name))
+        return hook
+
+    named = dict(model.named_parameters())
+    saved = {n: p.requires_grad for n, p in named.items()}
+    try:
+        for p in named.values():
+            p.requires_grad_(False)
+        for name in modules:
+            handles.append(model.get_submodule(name).register_forward_hook(forward_hook(name)))
+        # gradients flow from the embeddings on, so no weight needs one
+        handles.append(model.get_input_embeddings().register_forward_hook(
+            lambda _m, _a, out: out.detach().requires_grad_(True)))
+        with torch.enable_grad():
+            for ids, attn, mask, _batch in progress(
+                    _batches(encoded, batch_size, positions), desc=desc,
+                    total=(len(encoded) + batch_size - 1) // batch_size, unit="batch"):
+                ids, attn = ids.to(device), attn.to(device)
+                target = mask[:, 1:].to(device)  # each token is predicted from the one before it
+                counts = target.sum(1)
+                if not bool(counts.any()):
+                    continue
+                logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+                nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
+                                                        reduction="none")
+                per_example = (nll * target).sum(1) / counts.clamp_min(1)
+                per_example.sum().backward()
+                inputs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in named.items():
+            p.requires_grad_(saved[n])
+    missing = [m for m in modules if m not in sums]
+    for name in missing:  # never reached by the loss: a zero gradient
+        w = model.get_submodule(name).weight
+        probe = transform.get(name, lambda grad: (grad,))(torch.zeros(w.shape, device=w.device))
+        sums[name] = [torch.zeros_like(t) for t in probe]
+    return {name: tuple(v) for name, v in sums.items()}
 
 
 def final_norm_name(model, arch) -> str | None:

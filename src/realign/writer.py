@@ -6,10 +6,12 @@ from __future__ import annotations
 import datetime as dt
 import glob
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -117,32 +119,73 @@ def provenance(method: str, params: dict, inputs: dict, report: dict, output: st
     }
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/`'\"]+/)*([^\s/`'\"]+)")
+
+
+def _public(text: str) -> str:
+    """``text`` without local absolute paths (a card is meant to be published): a path becomes its
+    last component."""
+    return _ABSOLUTE_PATH.sub(r"\1", str(text))
+
+
+def _public_ref(info: dict) -> str | None:
+    """How a card names an input: the hub id (with @revision) when it came from the hub, else the
+    local directory's name."""
+    if info.get("hub_id"):
+        return info["hub_id"] + (f"@{info['revision']}" if info.get("revision") else "")
+    ref = info.get("ref")
+    return f"local model {Path(str(ref)).name}" if ref else None
+
+
 def model_card(prov: dict) -> str:
+    """The output's README.md: a Hugging Face model card (metadata through huggingface_hub's
+    ModelCardData: base_model when the fine-tune came from the hub, library_name, tags), the
+    method and every parameter as used, what changed; no local absolute path."""
+    from huggingface_hub import ModelCard, ModelCardData
+
     report = prov.get("report", {})
     totals = report.get("totals", {})
+    inputs = {role: info for role, info in prov.get("inputs", {}).items() if isinstance(info, dict)}
+    adapter = "adapter" in str(prov.get("output", ""))
+    finetuned = inputs.get("finetuned", {})
+    # A repaired adapter derives from the adapter's base; a repaired checkpoint from the fine-tune.
+    base_model = finetuned.get("base_hub_id") if adapter else finetuned.get("hub_id")
+    data = ModelCardData(base_model=base_model, library_name="peft" if adapter else "transformers",
+                         tags=["realign", "safety-realignment", str(prov["method"])], pipeline_tag="text-generation")
     lines = [
-        "---",
-        "tags: [realign, safety-realignment]",
-        "---",
         f"# Safety-realigned model ({prov['method']})",
         "",
-        f"This checkpoint was produced by realign {prov['version']} with the `{prov['method']}` method "
-        f"on {prov['date']}. It is a {prov['output']}.",
+        f"Produced by realign {prov['version']} with the `{prov['method']}` method on {prov['date']}. "
+        f"It is a {prov['output']}.",
         "",
         "## Inputs",
+        "",
     ]
-    for role, info in prov["inputs"].items():
-        if isinstance(info, dict) and info.get("ref"):
-            lines.append(f"- {role}: `{info['ref']}`")
-    lines += ["", "## Parameters", ""]
-    lines += [f"- `{k}` = `{v}`" for k, v in prov["parameters"].items()] or ["- (none)"]
+    lines += [f"- {role}: `{_public_ref(info)}`" for role, info in inputs.items() if _public_ref(info)]
+    lines += ["", "## Parameters (as used, tuned ones included)", ""]
+    used = {k: v for k, v in prov.get("parameters", {}).items() if v is not None}
+    lines += [f"- `{k}` = `{_public(v)}`" for k, v in used.items()] or ["- (none)"]
+    if report.get("tuning"):
+        chosen = report["tuning"].get("chosen") or {}
+        lines.append(f"- chosen by `--tune`: {', '.join(f'{k}={v}' for k, v in chosen.items()) or 'nothing'}")
     if totals:
         lines += ["", "## What changed", ""]
-        lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in totals.items()]
-    for note in report.get("notes", []):
-        lines.append(f"- note: {note}")
-    lines += ["", "Full provenance (input hashes, per-module report): `realign.json`.", ""]
-    return "\n".join(lines)
+        if "parameters_changed" in totals:
+            lines.append(f"- parameters changed: {totals['parameters_changed']:,} of {totals['parameters_total']:,} "
+                         f"({totals['percent_changed']} %)")
+            if "linear_parameters_changed" in totals:
+                lines.append(f"- of the decoder's linear weights: {totals['linear_parameters_changed']:,} "
+                             f"({totals['percent_of_linear_weights']} %)")
+            if totals.get("parameters_added"):
+                lines.append(f"- parameters added: {totals['parameters_added']:,} ({totals['tensors_added']} tensors)")
+        elif "adapter_parameters_changed" in totals:
+            lines.append(f"- adapter parameters changed: {totals['adapter_parameters_changed']:,} of "
+                         f"{totals['adapter_parameters_total']:,} ({totals['percent_changed']} %)")
+    notes = report.get("notes", [])
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {_public(note)}" for note in notes]
+    lines += ["", "Full provenance (input paths and hashes, per-module report): `realign.json`.", ""]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def write_adapter(dst: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -150,3 +193,72 @@ def write_adapter(dst: Path, config: dict, tensors: dict[str, torch.Tensor]) -> 
     write_json(dst / "adapter_config.json", config)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(dst / "adapter_model.safetensors"),
               metadata={"format": "pt"})
+
+
+def full_rank_adapter(ft, modules: Mapping[str, tuple[str, int, int]],
+                      transforms: Mapping[str, Callable[[torch.Tensor], Any]]) -> dict[str, Any]:
+    """The adapter output of a dense edit of a LoRA fine-tune ``ft`` (a ``Model`` that is an
+    adapter on W_a): ``modules`` {module: (weight name, d_out, d_in)} are stored at full rank
+    (A = I, B = new W − W_a, or the transpose arrangement, scale 1), exactly reproducing
+    ``transforms[weight name](W_f)``; the other modules keep their factors. Tensors are produced
+    on first access."""
+    from realign.sources import LoraAdapter
+
+    adapter = ft.adapter
+    assert adapter is not None and ft.base is not None
+    config = dict(adapter.config)
+    # PEFT takes the FIRST pattern key that matches a module: the exact names go before the fine-tune's own.
+    ranks = {module: min(d_out, d_in) for module, (_name, d_out, d_in) in modules.items()}
+    # scale 1: B·A is the update itself
+    alphas: dict[str, float] = {m: math.sqrt(k) if config.get("use_rslora") else k for m, k in ranks.items()}
+    ranks.update({k: v for k, v in (config.get("rank_pattern") or {}).items() if k not in ranks})
+    alphas.update({k: v for k, v in (config.get("alpha_pattern") or {}).items() if k not in alphas})
+    config["rank_pattern"], config["alpha_pattern"] = ranks, alphas
+    new_scale = LoraAdapter(adapter.directory, config, adapter.store)
+
+    def factors(module: str) -> tuple[torch.Tensor, torch.Tensor]:
+        name, d_out, d_in = modules[module]
+        old = ft.get(name)
+        new = transforms[name](old)
+        new = new[0] if isinstance(new, tuple) else new
+        delta = (new.to(old.dtype).float() - ft.base.get(name).float()) / new_scale.scale(module)
+        if d_in <= d_out:
+            return torch.eye(d_in), delta  # A = I, B = ΔW
+        return delta, torch.eye(d_out)  # A = ΔW, B = I
+
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def produce(tensor: str, module: str | None, which: int) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            if module is None:
+                return adapter.store.get(tensor)
+            if module not in cache:
+                cache[module] = factors(module)
+            return cache[module][which].contiguous()
+        return fn
+
+    owner: dict[str, tuple[str, int]] = {}
+    for module, (a_name, b_name) in adapter.modules.items():
+        if module in modules:
+            owner[a_name], owner[b_name] = (module, 0), (module, 1)
+    producers = {t: produce(t, *owner.get(t, (None, 0))) for t in adapter.store.names}
+    return {"config": config, "tensors": _Lazy(producers)}
+
+
+class _Lazy(Mapping):
+    """Tensors produced on first access and kept (adapter outputs are small and read twice)."""
+
+    def __init__(self, producers: dict[str, Callable[[], torch.Tensor]]):
+        self._producers = producers
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = self._producers[key]()
+        return self._cache[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._producers)
+
+    def __len__(self) -> int:
+        return len(self._producers)

@@ -4,7 +4,8 @@
 with LEFT padding and an attention mask, so that every prompt ends at the same position and the
 model (which derives position ids from the mask) sees exactly what it would see alone; batched
 outputs therefore equal one-at-a-time outputs. ``VLLMBackend`` hands the same token ids to vLLM
-(``pip install 'realign[vllm]'``, GPU) for large evaluations.
+(``pip install 'realign[vllm]'``, GPU) for large evaluations; it is written for vLLM
+``>=0.10,<0.12`` (``VLLM_VERSIONS``), whose LoRA rules it follows.
 
 Both take already formatted prompt texts (see ``realign.prompts.format_prompt``) and return the
 responses in input order.
@@ -12,19 +13,28 @@ responses in input order.
 
 from __future__ import annotations
 
+import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from realign.errors import RealignError
 from realign.progress import progress
 
+if TYPE_CHECKING:
+    from realign.sources import Model
+
+# The vLLM releases whose LoRA rules this backend follows (pyproject's `vllm` extra pins the same):
+# one scale lora_alpha / r (or / sqrt(r) with rsLoRA) for every module, rank_pattern/alpha_pattern
+# ignored; no modules_to_save, no DoRA, no adapter biases; max_lora_rank from _VLLM_LORA_RANKS.
+VLLM_VERSIONS = ">=0.10,<0.12"
 VLLM_MISSING = "vLLM is not installed: pip install 'realign[vllm]' (needs a GPU)"
-# LoRA ranks vLLM accepts for max_lora_rank (its config validates against this list).
-_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# max_lora_rank values every release in VLLM_VERSIONS accepts (1 only since 0.11).
+_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class Backend(Protocol):
@@ -172,6 +182,69 @@ def vllm_lora_rank(rank: int) -> int:
     raise RealignError(f"LoRA rank {rank} is larger than vLLM supports ({_VLLM_LORA_RANKS[-1]}): use --backend hf")
 
 
+def vllm_max_lora_rank(source: Model) -> int:
+    """max_lora_rank for an adapter: from every rank it has (r, each rank_pattern value, each
+    module's factors), since vLLM sizes its LoRA buffers by it for every module."""
+    assert source.adapter is not None
+    return vllm_lora_rank(max(source.adapter.all_ranks))
+
+
+def check_vllm_servable(source: Model) -> None:
+    """Refuse, in one line naming the field, an adapter vLLM would refuse or serve as another
+    model: vLLM loads LoRA factors of linear modules and nothing else."""
+    ad = source.adapter
+    if ad is None:
+        return
+    cfg = ad.config
+    problem = None
+    if ad.embeddings or "lm_head" in ad.modules:
+        problem = "LoRA on the embeddings or the output layer (target_modules)"
+    elif cfg.get("modules_to_save") or (ad.full_tensors and cfg.get("bias", "none") == "none"):
+        problem = "modules_to_save (whole modules saved with the adapter)"
+    elif ad.full_tensors or cfg.get("bias", "none") != "none":
+        problem = f"bias={cfg.get('bias')!r} (trained base biases saved with the adapter)"
+    elif ad.biases:
+        problem = "lora_bias=True (a bias on lora_B)"
+    elif ad.token_rows:
+        problem = "trainable_token_indices (replaced embedding rows)"
+    if problem:
+        raise RealignError(f"adapter {source.ref} uses {problem}, which vLLM {VLLM_VERSIONS} does not serve: use "
+                           "--backend hf (it merges the adapter as PEFT does)")
+
+
+def vllm_scale(config: dict[str, Any]) -> float:
+    """The one scale vLLM applies to every module of an adapter (its PEFTHelper)."""
+    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def vllm_adapter_dir(source: Model, tmp: Path) -> Path:
+    """The adapter directory to hand vLLM. vLLM ignores rank_pattern/alpha_pattern and scales
+    every module by lora_alpha / r: where PEFT gives a module another scale s_m, a copy is written
+    under ``tmp`` with that module's B times s_m / s (and alpha_pattern entries that give PEFT the
+    same s), so vLLM and PEFT both serve the adapter's own model. Else the adapter itself."""
+    from realign.writer import write_adapter
+
+    ad = source.adapter
+    assert ad is not None
+    global_scale = vllm_scale(ad.config)
+    ratios = {m: ad.scale(m) / global_scale for m in ad.modules}
+    if all(math.isclose(r, 1.0, rel_tol=1e-6) for r in ratios.values()):
+        return Path(source.path)
+    config = dict(ad.config)
+    root = (lambda r: math.sqrt(r)) if config.get("use_rslora") else (lambda r: r)
+    # exact names, one per module: PEFT resolves each to its own entry, whatever came before
+    config["alpha_pattern"] = {m: global_scale * root(ad.rank(m)) for m in ad.modules}
+    tensors = {name: ad.store.get(name) for name in ad.store.names}
+    for module, ratio in ratios.items():
+        b_name = ad.modules[module][1]
+        tensors[b_name] = (tensors[b_name].float() * ratio).to(tensors[b_name].dtype)
+    out = Path(tmp) / "adapter"
+    out.mkdir(parents=True, exist_ok=True)
+    write_adapter(out, config, tensors)
+    return out
+
+
 def _import_vllm():
     try:
         import vllm  # type: ignore[import-not-found]
@@ -181,9 +254,15 @@ def _import_vllm():
     return vllm, LoRARequest
 
 
+def _one_line(what: str, e: Exception) -> RealignError:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    return RealignError(f"{what} ({type(e).__name__}: {first})" if first else f"{what} ({type(e).__name__})")
+
+
 class VLLMBackend:
-    """Greedy generation with vLLM (offline ``LLM`` engine). A LoRA adapter is served through
-    vLLM's LoRA support (``enable_lora`` + ``LoRARequest``) instead of being merged.
+    """Greedy generation with vLLM (offline ``LLM`` engine), for vLLM ``VLLM_VERSIONS``. A LoRA
+    adapter is served through vLLM's LoRA support (``enable_lora`` + ``LoRARequest``) instead of
+    being merged; adapters vLLM cannot serve are refused before vLLM is imported.
 
     Prompts are tokenised by the model's Hugging Face tokenizer and passed as token ids, so both
     backends feed the model the same input."""
@@ -191,7 +270,6 @@ class VLLMBackend:
     def __init__(self, model_ref: str | os.PathLike, adapter: str | os.PathLike | None = None,
                  dtype: str = "auto", tokenizer=None, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, allow_pickle: bool = False, **llm_kwargs: Any):
-        vllm, LoRARequest = _import_vllm()
         from realign.compute import load_tokenizer, resolve_dtype
         from realign.sources import load_model as open_model
 
@@ -200,6 +278,9 @@ class VLLMBackend:
             if source.is_adapter:
                 raise RealignError(f"{source.ref} is already an adapter; pass its base model with --adapter")
             source = open_model(adapter, base=source.path, allow_pickle=allow_pickle)
+        check_vllm_servable(source)
+        max_rank = vllm_max_lora_rank(source) if source.is_adapter else None
+        vllm, LoRARequest = _import_vllm()
         base = source.base if source.is_adapter else source
         assert base is not None
         self.source = source
@@ -216,15 +297,15 @@ class VLLMBackend:
             kwargs["max_model_len"] = max_model_len
         self.lora_request = None
         if source.is_adapter:
-            assert source.adapter is not None
-            rank = int(source.adapter.config.get("r") or 8)
-            kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(rank), max_loras=1)
-            self.lora_request = LoRARequest("realign-adapter", 1, str(Path(source.path)))
+            self._tmp = tempfile.TemporaryDirectory(prefix="realign-vllm-")  # lives as long as the backend
+            served = vllm_adapter_dir(source, Path(self._tmp.name))
+            kwargs.update(enable_lora=True, max_lora_rank=max_rank, max_loras=1)
+            self.lora_request = LoRARequest("realign-adapter", 1, str(served))
         kwargs.update(llm_kwargs)
         try:
             self.llm = vllm.LLM(**kwargs)
         except Exception as e:  # noqa: BLE001 — engine start-up failures become one line
-            raise RealignError(f"vLLM could not load {source.ref} ({type(e).__name__}: {e})".splitlines()[0]) from None
+            raise _one_line(f"vLLM could not load {source.ref}", e) from None
         self._SamplingParams = vllm.SamplingParams
         self.eos_ids = eos_token_ids(self.tokenizer)
 
@@ -233,10 +314,14 @@ class VLLMBackend:
                                       stop_token_ids=self.eos_ids or None, skip_special_tokens=True)
         prompts = [{"prompt_token_ids": encode_prompt(self.tokenizer, t)} for t in texts]
         show = os.environ.get("REALIGN_QUIET") != "1"
-        outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=show)
+        try:
+            outputs = self.llm.generate(prompts, params, lora_request=self.lora_request, use_tqdm=show)
+        except Exception as e:  # noqa: BLE001 — vLLM's errors (LoRA loading happens here) become one line
+            raise _one_line(f"vLLM failed generating with {self.source.ref}", e) from None
         # vLLM returns outputs in request order.
         return [o.outputs[0].text for o in outputs]
 
 
-__all__ = ["Backend", "HFBackend", "VLLMBackend", "VLLM_MISSING", "encode_prompt", "eos_token_ids",
-           "length_sorted_batches", "vllm_lora_rank"]
+__all__ = ["Backend", "HFBackend", "VLLMBackend", "VLLM_MISSING", "VLLM_VERSIONS", "encode_prompt", "eos_token_ids",
+           "length_sorted_batches", "vllm_lora_rank", "vllm_max_lora_rank", "check_vllm_servable", "vllm_scale",
+           "vllm_adapter_dir"]

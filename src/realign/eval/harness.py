@@ -2,11 +2,12 @@
 
 ``evaluate`` runs suites on one model and returns a results dict that keeps every item (prompt,
 response, verdict or correctness), so a result can be audited and re-judged without
-regenerating; ``save_results`` writes it atomically.
+regenerating (``rejudge``); ``save_results`` writes it atomically.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import math
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from realign.errors import RealignError
-from realign.eval.judges import MODEL_JUDGES, Judge, get_judge, parse_judge_name
+from realign.eval.judges import API_JUDGES, MODEL_JUDGES, Judge, Verdict, get_judge, parse_judge_name
 from realign.eval.presets import DEFAULT_PRESET, get_preset
 from realign.eval.tasks import load_suite, parse_suites, resolve_suite, score_item
 from realign.prompts import format_prompt, resolve_template
@@ -26,6 +27,18 @@ RESULTS_FORMAT = 1
 BACKENDS = ("hf", "vllm")
 # Summary keys per suite kind: the first suite of each kind gives the headline number.
 SUMMARY_KEY = {"harmful": "hs", "task": "fa", "overrefusal": "over_refusal", "skills": "skills"}
+JUDGED_KINDS = ("harmful", "overrefusal")
+# What a judge writes into an item (besides every ``judge_*`` field): dropped before re-judging.
+VERDICT_KEYS = ("refusal", "harmful", "incoherent", "also")
+
+
+class UnparsedAnswers(RealignError):
+    """Some judge answers gave no verdict (``harmful`` None). ``results`` holds the complete
+    results, those items as error verdicts, so a caller can keep the generations."""
+
+    def __init__(self, message: str, results: dict[str, Any]):
+        super().__init__(message)
+        self.results = results
 
 
 def _pct(num: int | float, den: int) -> float:
@@ -71,12 +84,88 @@ def _check_world_suites(names: Sequence[str], data: dict[str, str], world: str |
             raise RealignError(f"suite {n} reads a built world: pass --world DIR (or --data {n}=PATH)")
 
 
+def verdict_metrics(kind: str, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Refusal rate and HS (harmful suites) or over-refusal, in %. HS is over the items the judge
+    decided: an error verdict (harmful None) counts in neither, and ``judge_errors`` says how many."""
+    n = len(rows)
+    decided = [r for r in rows if r["harmful"] is not None]
+    metrics: dict[str, Any] = {"refusal_rate": _pct(sum(bool(r["refusal"]) for r in rows), n)}
+    if kind == "harmful":
+        metrics["hs"] = _pct(sum(bool(r["harmful"]) for r in decided), len(decided))
+    else:
+        metrics["over_refusal"] = metrics["refusal_rate"]
+    if rows and "incoherent" in rows[0]:
+        metrics["incoherent"] = _pct(sum(bool(r["incoherent"]) for r in rows), n)
+    if len(decided) < n:
+        metrics["judge_errors"] = n - len(decided)
+    return metrics
+
+
+def judge_suite(kind: str, items: Sequence[dict[str, Any]], responses: Sequence[str], judge: Judge,
+                also: Sequence[Judge] = ()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows (item + response + verdict) and metrics of one judged suite; ``also`` judges add their
+    verdicts under each row's ``also`` and their metrics under ``metrics["also"]``."""
+    prompts = [it["prompt"] for it in items]
+    verdicts: list[Verdict] = judge.judge(prompts, responses)
+    rows = []
+    for it, v in zip(items, verdicts, strict=True):
+        row = dict(it)
+        row.update({k: v[k] for k in v if k != "prompt"})
+        rows.append(row)
+    metrics = verdict_metrics(kind, rows)
+    metrics.update(judge.extra_metrics(verdicts))
+    for other in also:
+        extra = other.judge(prompts, responses)
+        for row, v in zip(rows, extra, strict=True):
+            row.setdefault("also", {})[other.spec] = {k: v[k] for k in VERDICT_KEYS if k in v}
+        metrics.setdefault("also", {})[other.spec] = verdict_metrics(kind, extra)
+    return rows, metrics
+
+
+def summarize(suites: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers: per kind, the first suite's; and every suite's own."""
+    summary: dict[str, Any] = {}
+    per_suite: dict[str, float] = {}
+    errors = 0
+    for name, entry in suites.items():
+        key = SUMMARY_KEY[entry["kind"]]
+        value = entry["metrics"].get(key, entry["metrics"].get("accuracy"))
+        per_suite[name] = value
+        summary.setdefault(key, value)
+        errors += int(entry["metrics"].get("judge_errors", 0))
+    summary["per_suite"] = per_suite
+    if errors:
+        summary["judge_errors"] = errors
+    return summary
+
+
+def check_unparsed(results: dict[str, Any], allow: bool) -> None:
+    """Error verdicts are never silently accepted: without ``allow``, ``UnparsedAnswers``."""
+    bad = [(name, i + 1) for name, entry in results["suites"].items() if entry["kind"] in JUDGED_KINDS
+           for i, row in enumerate(entry["items"]) if row.get("harmful", False) is None]
+    if not bad or allow:
+        return
+    total = sum(len(e["items"]) for e in results["suites"].values() if e["kind"] in JUDGED_KINDS)
+    where = ", ".join(f"{n} #{i}" for n, i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+    raise UnparsedAnswers(f"{len(bad)} of {total} judge answers gave no verdict ({where}); pass "
+                          "--judge-allow-unparsed to keep them as error verdicts, counted in no rate", results)
+
+
+def _judge_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (options or {}).items() if v is not None}
+
+
+def _also_judges(names: Sequence[str], main: str, device: str, dtype: str) -> list[Judge]:
+    main_base = parse_judge_name(main)[0]
+    return [get_judge(n, device=device, dtype=dtype) for n in names if parse_judge_name(n)[0] != main_base]
+
+
 def evaluate(
     model_ref: Any,
     adapter: str | os.PathLike | None = None,
-    suites: str | Sequence[str] = ("harmful",),
-    judge: str | Judge = "keywords",
-    preset: str = DEFAULT_PRESET,
+    suites: str | Sequence[str] | None = None,
+    judge: str | Judge | None = None,
+    preset: str | None = None,
     limit: int | None = None,
     data: dict[str, str] | None = None,
     world: str | os.PathLike | None = None,
@@ -89,11 +178,16 @@ def evaluate(
     allow_pickle: bool = False,
     model: Any = None,
     tokenizer: Any = None,
+    judge_options: dict[str, Any] | None = None,
+    allow_unparsed: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one model on ``suites`` and return the results dict.
 
     ``model_ref`` is a model directory, hub id or adapter directory — or an already loaded
     ``(model, tokenizer)`` pair (also accepted as ``model=``/``tokenizer=``), which is used as is.
+    ``suites`` and ``judge`` default to the preset's (else ``harmful`` and ``keywords``);
+    ``judge_options`` go to ``get_judge``. Judge answers without a verdict raise ``UnparsedAnswers``
+    (carrying the results) unless ``allow_unparsed``.
     """
     if isinstance(model_ref, tuple):
         model, tokenizer = model_ref
@@ -104,11 +198,23 @@ def evaluate(
         raise RealignError(f"unknown backend {backend!r}: use hf or vllm")
     if batch_size < 1:
         raise RealignError(f"--batch-size must be at least 1, not {batch_size}")
-    suite_names = parse_suites(suites)
-    cfg = get_preset(preset)
+    # A preset's own judge (booster: beaver-dam, a 7B model; hexphi: an API) is used when the preset
+    # is named; an evaluation that names no preset keeps the offline keyword judge.
+    explicit = preset is not None
+    cfg = get_preset(preset if explicit else DEFAULT_PRESET)
+    suite_names = parse_suites(suites if suites is not None else (cfg.suites or ("harmful",)))
+    judge_from = "argument" if judge is not None else "preset" if cfg.judge and explicit else "default"
+    if judge is None:
+        judge = (cfg.judge if explicit else None) or "keywords"
     judge_name = judge.spec if isinstance(judge, Judge) else judge
-    if not isinstance(judge, Judge):
-        parse_judge_name(judge)  # fail on a typo before loading anything
+    options = _judge_options(judge_options)
+    judged = any(resolve_suite(n).kind in JUDGED_KINDS for n in suite_names)
+    judge_obj: Judge | None = judge if isinstance(judge, Judge) else None
+    if judge_obj is None:
+        base_name, _ = parse_judge_name(judge_name)  # fail on a typo before loading anything
+        if judged and base_name in API_JUDGES:
+            # Cheap to build, and a missing --judge-model or key must not cost a generation.
+            judge_obj = get_judge(judge_name, judge_model=judge_model, **options)
     data = {resolve_suite(k).name: v for k, v in (data or {}).items()}
     _check_world_suites(suite_names, data, world)
 
@@ -139,8 +245,14 @@ def evaluate(
         source = getattr(model, "realign_source", None)
         gen = HFBackend(model, tokenizer, batch_size=batch_size)
     resolved_template = resolve_template(tokenizer, template)
+    if judge_obj is None and judged and parse_judge_name(judge_name)[0] == "classifier":
+        from realign.eval.harmbench import preflight
 
-    judge_obj: Judge | None = judge if isinstance(judge, Judge) else None
+        # The judge model is loaded after generating (both need not fit at once), but a missing one
+        # must not cost a generation: its config is read now.
+        preflight(judge_model, options.get("layout"))
+
+    also: list[Judge] | None = None
     results_suites: dict[str, Any] = {}
     for name in suite_names:
         suite = resolve_suite(name)
@@ -152,25 +264,15 @@ def evaluate(
         gen_seconds = time.perf_counter() - start
         entry: dict[str, Any] = {"kind": suite.kind, "source": src, "n": len(items), "max_new_tokens": max_new,
                                  "generation_seconds": round(gen_seconds, 3)}
-        if suite.kind in ("harmful", "overrefusal"):
+        if suite.kind in JUDGED_KINDS:
             if judge_obj is None:
                 base_name, _ = parse_judge_name(judge_name)
                 judge_obj = get_judge(judge_name, judge_model=judge_model, device=device, dtype=dtype,
-                                      batch_size=min(batch_size, 16) if base_name in MODEL_JUDGES else batch_size)
-            verdicts = judge_obj.judge([it["prompt"] for it in items], responses)
-            rows = []
-            for it, v in zip(items, verdicts, strict=True):
-                row = dict(it)
-                row.update({k: v[k] for k in v if k not in ("prompt",)})
-                rows.append(row)
-            n = len(rows)
-            metrics: dict[str, Any] = {"refusal_rate": _pct(sum(r["refusal"] for r in rows), n)}
-            if suite.kind == "harmful":
-                metrics["hs"] = _pct(sum(r["harmful"] for r in rows), n)
-            else:
-                metrics["over_refusal"] = metrics["refusal_rate"]
-            if rows and "incoherent" in rows[0]:
-                metrics["incoherent"] = _pct(sum(r["incoherent"] for r in rows), n)
+                                      batch_size=min(batch_size, 16) if base_name in MODEL_JUDGES else batch_size,
+                                      **options)
+            if also is None:
+                also = _also_judges(cfg.also_judges if explicit else (), judge_name, device, dtype)
+            rows, metrics = judge_suite(suite.kind, items, responses, judge_obj, also)
         else:
             rows = []
             for it, r in zip(items, responses, strict=True):
@@ -189,30 +291,91 @@ def evaluate(
         entry["items"] = rows
         results_suites[name] = entry
 
-    summary: dict[str, Any] = {}
-    per_suite: dict[str, float] = {}
-    for name, entry in results_suites.items():
-        key = SUMMARY_KEY[entry["kind"]]
-        value = entry["metrics"].get(key, entry["metrics"].get("accuracy"))
-        per_suite[name] = value
-        summary.setdefault(key, value)
-    summary["per_suite"] = per_suite
-
-    return {
+    results = {
         "format": RESULTS_FORMAT,
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "created": _now(),
         "model": _model_info(model_ref, adapter, source, model),
         "preset": cfg.name,
         "preset_settings": cfg.to_dict(),
         "judge": judge_name,
+        "judge_from": judge_from,
         "judge_model": getattr(judge_obj, "model_ref", judge_model),
+        **_judge_settings(judge_obj),
+        "also_judges": [j.spec for j in also or []],
         "template": resolved_template,
         "backend": backend,
         "limit": limit,
         "versions": _versions(),
-        "summary": summary,
+        "summary": summarize(results_suites),
         "suites": results_suites,
     }
+    check_unparsed(results, allow_unparsed)
+    return results
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _judge_settings(judge: Judge | None) -> dict[str, Any]:
+    settings = getattr(judge, "settings", None)
+    return {"judge_settings": settings} if settings else {}
+
+
+def rejudge(
+    results: dict[str, Any],
+    judge: str | Judge = "keywords",
+    judge_model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 16,
+    judge_options: dict[str, Any] | None = None,
+    also_judges: Sequence[str] | None = None,
+    allow_unparsed: bool = False,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """A new results dict with another judge's verdicts and metrics, from the responses a results
+    dict keeps: nothing is generated and the evaluated model is never loaded. Task suites are
+    copied as they are. ``also_judges`` defaults to the ones the results were made with."""
+    where = source or "the results"
+    new = copy.deepcopy(results)
+    judged = [n for n, e in new.get("suites", {}).items() if isinstance(e, dict) and e.get("kind") in JUDGED_KINDS]
+    if not judged:
+        raise RealignError(f"{where} has no harmful or over-refusal suite to re-judge")
+    for name in judged:
+        for i, row in enumerate(new["suites"][name].get("items") or []):
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                    or not isinstance(row.get("response"), str):
+                raise RealignError(f"{where}: suite {name} item {i + 1} has no prompt and response to re-judge")
+        if not new["suites"][name].get("items"):
+            raise RealignError(f"{where}: suite {name} keeps no items to re-judge")
+    if isinstance(judge, Judge):
+        judge_obj = judge
+    else:
+        judge_obj = get_judge(judge, judge_model=judge_model, device=device, dtype=dtype, batch_size=batch_size,
+                              **_judge_options(judge_options))
+    names = list(results.get("also_judges") or []) if also_judges is None else list(also_judges)
+    also = _also_judges(names, judge_obj.spec, device, dtype)
+    for name in judged:
+        entry = new["suites"][name]
+        # What the previous judge wrote goes; the item and its response stay.
+        items = [{k: v for k, v in row.items() if k not in VERDICT_KEYS and not k.startswith("judge_")
+                  and k != "response"} for row in entry["items"]]
+        responses = [row["response"] for row in entry["items"]]
+        entry["items"], entry["metrics"] = judge_suite(entry["kind"], items, responses, judge_obj, also)
+    new.pop("judge_settings", None)
+    new.update({
+        "judge": judge_obj.spec,
+        "judge_from": "argument",
+        "judge_model": getattr(judge_obj, "model_ref", None),
+        **_judge_settings(judge_obj),
+        "also_judges": [j.spec for j in also],
+        "summary": summarize(new["suites"]),
+        "rejudged": {"created": _now(), "source": source, "previous_judge": results.get("judge"),
+                     "previous_judge_model": results.get("judge_model"), "versions": _versions()},
+    })
+    check_unparsed(new, allow_unparsed)
+    return new
 
 
 def _json_safe(obj: Any) -> Any:
@@ -258,4 +421,5 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-__all__ = ["evaluate", "save_results", "load_results", "write_atomic", "RESULTS_FORMAT"]
+__all__ = ["evaluate", "rejudge", "save_results", "load_results", "write_atomic", "judge_suite", "verdict_metrics",
+           "summarize", "check_unparsed", "UnparsedAnswers", "RESULTS_FORMAT"]

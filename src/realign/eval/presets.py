@@ -1,8 +1,10 @@
 """Presets: the numbers of a published evaluation setting, kept as data (``data/presets.json``).
 
 A preset fixes, per suite kind, the number of new tokens, per suite the number of items (the first
-N, in dataset order; ``null`` = all), and how SST-2 answers are matched. Results files record the
-preset name and its settings.
+N, in dataset order; ``null`` = all), and how SST-2 answers are matched. It may also name the
+suites it runs when none are given (``suites``), its default judge (``judge``: an explicit judge
+overrides it) and judges reported alongside (``also_judges``). Results files record the preset name
+and its settings.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ class Preset:
     max_new_tokens: dict[str, int]
     items: dict[str, int | None] = field(default_factory=dict)
     sst2_match: str = "exact"
+    suites: tuple[str, ...] = ()
+    judge: str | None = None
+    also_judges: tuple[str, ...] = ()
 
     def tokens_for(self, kind: str) -> int:
         return int(self.max_new_tokens.get(kind, self.max_new_tokens.get("task", 200)))
@@ -52,7 +57,9 @@ def get_preset(name: str = DEFAULT_PRESET) -> Preset:
         raise RealignError(f"unknown preset {name!r}: use one of {', '.join(raw)}")
     spec = raw[name]
     return Preset(name=name, description=spec.get("description", ""), max_new_tokens=dict(spec["max_new_tokens"]),
-                  items=dict(spec.get("items", {})), sst2_match=spec.get("sst2_match", "exact"))
+                  items=dict(spec.get("items", {})), sst2_match=spec.get("sst2_match", "exact"),
+                  suites=tuple(spec.get("suites", ())), judge=spec.get("judge"),
+                  also_judges=tuple(spec.get("also_judges", ())))
 
 
 __all__ = ["Preset", "get_preset", "available_presets", "DEFAULT_PRESET"]

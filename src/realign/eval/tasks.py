@@ -182,6 +182,7 @@ class Suite:
     description: str
     aliases: tuple[str, ...] = field(default_factory=tuple)
     world_file: str | None = None  # WORLD/eval/<file>
+    hub_files: str | None = None  # a hub dataset repo of CSV files, read like a local directory of them
 
 
 SUITES: dict[str, Suite] = {
@@ -189,7 +190,9 @@ SUITES: dict[str, Suite] = {
                      "BeaverTails 30k_test prompts with is_safe == False, in order", aliases=("beavertails",)),
     "advbench": Suite("advbench", "harmful", HubSplit("walledai/AdvBench", None, "train", ("prompt",)),
                       "AdvBench harmful behaviours (520)"),
-    "hexphi": Suite("hexphi", "harmful", None, "HEx-PHI (gated: a local copy, CSV file or directory of CSVs)"),
+    "hexphi": Suite("hexphi", "harmful", None, "HEx-PHI (330 prompts in 11 category CSVs; gated on the hub: accept "
+                    "its terms and log in, or use a local copy, a CSV file or a directory of CSVs)",
+                    hub_files="LLM-Tuning-Safety/HEx-PHI"),
     "sst2": Suite("sst2", "task", TASKS["sst2"].eval_split, "SST-2 validation (872)"),
     "agnews": Suite("agnews", "task", TASKS["agnews"].eval_split, "AG News test"),
     "gsm8k": Suite("gsm8k", "task", TASKS["gsm8k"].eval_split, "GSM8K test"),
@@ -274,16 +277,27 @@ def _read_csv(path: Path, header_hint: Sequence[str] = ()) -> list[dict[str, Any
     return [dict(zip(header, r, strict=False)) for r in rows[1:] if any(c.strip() for c in r)]
 
 
+def _natural_key(path: Path) -> list[Any]:
+    """category_2 before category_10: numbers in a file name compare as numbers."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
+def table_files(path: str | os.PathLike) -> list[Path]:
+    """The CSV/JSON(L) files of a data directory, in natural order."""
+    p = Path(path).expanduser()
+    files = sorted((f for f in p.iterdir() if f.suffix.lower() in (".csv", ".json", ".jsonl")), key=_natural_key)
+    if not files:
+        raise RealignError(f"data directory {path} has no .csv, .json or .jsonl file")
+    return files
+
+
 def read_table(path: str | os.PathLike, header_hint: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Rows of a CSV, JSON or JSONL file (by extension), or of every CSV/JSON(L) file in a directory."""
     p = Path(path).expanduser()
     if not p.exists():
         raise RealignError(f"data file {path} does not exist")
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".csv", ".json", ".jsonl"))
-        if not files:
-            raise RealignError(f"data directory {path} has no .csv, .json or .jsonl file")
-        return [r for f in files for r in read_table(f, header_hint)]
+        return [r for f in table_files(p) for r in read_table(f, header_hint)]
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(p)
@@ -308,6 +322,21 @@ def _truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes")
     return bool(value)
+
+
+def _hub_snapshot(suite: Suite) -> str:
+    """A local directory with the CSV files of ``suite.hub_files`` (downloaded once, then cached by
+    huggingface_hub; gated datasets need their terms accepted and a login)."""
+    assert suite.hub_files is not None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(suite.hub_files, repo_type="dataset", allow_patterns=["*.csv"])
+    except Exception as e:  # noqa: BLE001 — offline, gated or missing: the same advice
+        raise RealignError(
+            f"cannot load dataset {suite.hub_files} for suite {suite.name} from the hub ({type(e).__name__}; it is "
+            f"gated: accept its terms and log in): pass a local copy with --data {suite.name}=PATH"
+        ) from None
 
 
 def _hub_rows(suite: Suite) -> list[dict[str, Any]]:
@@ -399,8 +428,16 @@ def load_suite(name: str, data: dict[str, str] | None = None, world: str | os.Pa
         if not Path(path).exists():
             raise RealignError(
                 f"{world_dir} has no eval/{suite.world_file}: is it a built world? (realign world build)")
+    source: str | None = None
+    if path is None and suite.hub_files:
+        path, source = _hub_snapshot(suite), f"hub:{suite.hub_files}"
     if path is not None:
-        rows, source = read_table(path, header_hint=("prompt",)), str(Path(path).expanduser())
+        source = source or str(Path(path).expanduser())
+        if suite.name == "hexphi" and Path(path).expanduser().is_dir():
+            # One file per category (category_1.csv, ...): the file name is the item's category.
+            rows = [{"category": f.stem, **r} for f in table_files(path) for r in read_table(f, ("prompt",))]
+        else:
+            rows = read_table(path, header_hint=("prompt",))
     else:
         rows = _hub_rows(suite)
         assert suite.hub is not None

@@ -1,55 +1,78 @@
 """NLSR — Neuron-Level Safety Realignment (Yi et al., AAAI 2025, arXiv 2412.12497).
 
 Training-free: transplant the "safety-critical neurons" of a safety reference model into the
-modules of a fine-tune whose safety neurons drifted most.
+modules of a fine-tune whose safety neurons drifted most. The paper's four steps, in this file's
+order:
 
-prepare (once per aligned model):
-  1. reference model (pre-amplification, ExPO)   W_e = W_a + α·(W_a − W_b)
-  2. score every weight of W_e on safe responses (ONE calibration pass of W_e, response tokens
-     only) — ``lowrank`` |U_r U_rᵀ W| (default), ``wanda`` |W|·‖X_j‖, or ``snip`` |W·∂L/∂W| — and
-     keep the top (1 − sparsity) of each matrix: the safety region M.
-  The patch stores, per matrix, M (bit-packed), W_e[M] and W_b[M] (1-D, row-major order), so
-  applying it needs only the patch and the fine-tune's weights.
-apply (per fine-tune, tensor by tensor):
-  3. c_j = cos(M⊙(W_f − W_b), M⊙(W_e − W_b)) per module; choose modules (adaptive / threshold /
-     fraction); 4. transplant W_f ← (1 − M)⊙W_f + M⊙W_e in the chosen modules. Nothing else changes.
+  prepare (once per aligned model)
+  1. Safety reference (pre-amplification, ExPO): W_e = W_a + α·(W_a − W_b).
+  2. Safety region: score every weight of W_e on safe responses (response tokens only) and keep,
+     per matrix, the entries scored strictly above the ⌊n·sparsity⌋-th score (the official count).
+     Scores: ``lowrank`` |U_r U_rᵀ W| (default), ``wanda`` |W_ij|·‖X_j‖, ``snip``
+     |W_ij|·Σ_n |∂L_n/∂W_ij|; wanda and snip compare scores within each output row.
+     With ``lowrank`` the official code projects the layers in order (``activations=sequential``):
+     the inputs of layer l come from a model whose layers < l already hold W̃ = U_r U_rᵀ W, run
+     layer by layer as SparseGPT does (``realign.layerwise``); ``one-pass`` reads every layer from
+     W_e itself. The patch stores, per matrix, the region M (bit-packed), W_e[M] and W_b[M].
+  apply (per fine-tune, tensor by tensor)
+  3. Similarity per module c_j = cos(M⊙(W_f − W_b), M⊙(W_e − W_b)); choose the modules to
+     restore (adaptive / threshold / fraction).
+  4. Transplant W_f ← (1 − M)⊙W_f + M⊙W_e in the chosen modules. Nothing else changes.
 
 Two modes. ``dense`` works on dense weights: full fine-tunes, and fresh LoRA adapters on top of
 W_a (seen as W_a + s·B·A, one module at a time). ``lora`` is the official setting: the aligned
-model is W_b + adapter, the fine-tune continued training that adapter; masks are computed on the
-A and B factors (their inputs are x and A·x), the transplant edits the factors, the output is an adapter.
+model is W_b + adapter, the fine-tune continued training that adapter; the regions are computed
+on the A and B factors (their inputs are x and A·x), the transplant edits the factors, the
+output is an adapter.
 
-Memory. prepare holds the reference model (one model, on the compute device), the running sums
-of the pass (per layer and shared input, the smaller of one d_in² input Gram and the modules'
-d_out² output Grams, float32: about 8.6 GB for Llama-3-8B; ``wanda`` needs only column norms,
-``snip`` one gradient per linear weight), and the patch being built (1 bit per weight plus the
-two value vectors: ≈ 0.93 byte per weight in bf16, ≈ 6.5 GB for an 8B model). The decompositions
-run one matrix at a time, in float64. apply streams: per module it reads W_f, the mask and the
-values, and keeps nothing but c_j; the writer later re-reads what it transplants.
+Where this differs from the official code, on purpose: the decompositions are exact
+eigendecompositions in float64 (the official code uses a randomised SVD); the adaptive draw makes
+the LEAST similar module the most likely to be restored, as the paper says (the official code
+does the reverse: ``direction=official``); W_e follows the paper's formula (the official scales
+each LoRA factor by 2α: ``amplify=lora-factors``).
+
+Memory. prepare holds the reference model (on the compute device), one layer's statistics (the
+smaller of one d_in² input Gram and the modules' d_out² output Grams per shared input, float32;
+``wanda`` needs column norms only), the calibration set's hidden states at one layer (spilled to
+disk beyond half the free memory, see ``realign.layerwise``), and the patch being built (1 bit per
+weight plus two value vectors: ≈ 0.93 byte per weight in bf16). ``snip`` runs one forward +
+backward pass per batch instead and holds one float32 sum per linear weight. apply streams: per
+module it reads W_f, the mask and the values, and keeps nothing but c_j.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from realign.errors import RealignError
+from realign.layerwise import Layerwise
+from realign.masks import (
+    gather,
+    keep_above,
+    masked,
+    masked_similarity,
+    pack_mask,
+    scattered,
+    transplant,
+    transplant_packed,
+    unpack_mask,
+)
 from realign.methods import register
 from realign.methods.base import Edit, Inputs, Method, Patch, param, params_dict
 from realign.progress import progress
-from realign.sources import LoraAdapter, Model, weights_sha256
-from realign.stats import Encoded, collect, encode, loss_gradients
-from realign.tensorio import prefetched
+from realign.sources import Model, weights_sha256
+from realign.stats import Encoded, Stats, encode, example_gradient_sums, loss_gradients
+from realign.writer import full_rank_adapter
 
+# The patch layout (masks, values) has not changed since nlsr/1: patches prepared before the
+# official region rules still apply, with the regions they were prepared with.
 PATCH_FORMAT = "nlsr/1"
 # Roles that read the same input (the layer's normed hidden state): one statistic serves them all.
 SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))
@@ -68,11 +91,23 @@ class NLSRParams:
         "base + adapter, the fine-tune continues that adapter; output: an adapter); auto: lora when --aligned is "
         "an adapter", choices=("auto", "dense", "lora"))
     score: str = param(
-        "lowrank", "safety score: lowrank |U_r U_rᵀ W| (activation-aware low rank), wanda |W|·‖X_j‖, snip |W·∂L/∂W|",
-        choices=("lowrank", "wanda", "snip"))
+        "lowrank", "safety score: lowrank |U_r U_rᵀ W| (activation-aware low rank), wanda |W_ij|·‖X_j‖, snip "
+        "|W_ij|·Σ_n|∂L_n/∂W_ij|", choices=("lowrank", "wanda", "snip"))
+    activations: str = param(
+        "sequential", "lowrank: where layer l's inputs come from. sequential (official): a model whose layers < l "
+        "already hold their projections U_r U_rᵀ W, run layer by layer; one-pass: the reference model W_e itself",
+        choices=("sequential", "one-pass"))
+    group: str = param(
+        "auto", "which scores compete for the region: matrix (the top of the whole matrix), row (the same top "
+        "share of every output row); auto: row for wanda and snip, matrix for lowrank (the official rules)",
+        choices=("auto", "matrix", "row"))
+    snip_gradients: str = param(
+        "per-example", "snip: per-example (official) |W|·Σ_n|∂L_n/∂W|, L_n the mean NLL of example n's response; "
+        "pooled: |W·∂L/∂W| of the mean NLL over all response tokens", choices=("per-example", "pooled"))
     rank_ratio: float = param(0.8, "lowrank: r = floor(rank_ratio · min(d_out, d_in)) output directions kept")
-    sparsity: float = param(0.8, "share of each matrix outside the safety region (region: top 1 − sparsity)")
-    granularity: str = param("entry", "region unit: single entries, or whole output rows (neurons)",
+    sparsity: float = param(0.8, "share of each group left out of the safety region: the region is the entries "
+                            "scored strictly above the floor(n·sparsity)-th of the n scores (the official count)")
+    granularity: str = param("entry", "region unit: single entries, or whole output rows (neurons, by summed score)",
                              choices=("entry", "row"))
     samples: int = param(2000, "calibration rows with a safe response used (the first N)")
     max_response_tokens: int = param(256, "safe responses are cut to this many tokens")
@@ -81,7 +116,7 @@ class NLSRParams:
                            "rank), threshold (c_j < tau), fraction (the k least similar)", stage="apply",
                            choices=("adaptive", "threshold", "fraction"))
     direction: str = param("paper", "adaptive: paper = the least similar module is the most likely restored; "
-                           "official = the official code's reverse order", stage="apply",
+                           "official = the official code's reverse order (the most similar is)", stage="apply",
                            choices=("paper", "official"))
     prune_rate: float = param(0.5, "adaptive: mean restore probability pi", stage="apply")
     epsilon: float = param(0.2, "adaptive: probabilities span pi ± epsilon over the similarity ranks", stage="apply")
@@ -102,23 +137,34 @@ def _check_params(p: NLSRParams) -> None:
         (0 <= p.prune_rate <= 1, "prune_rate must be in [0, 1]"),
         (p.epsilon >= 0, "epsilon must be ≥ 0"),
         (p.k is None or p.k >= 0, "k must be ≥ 0"),
+        (not (p.granularity == "row" and p.group == "row"),
+         "granularity=row selects whole rows, which compete within the matrix: use group=matrix or auto"),
     ]
     for ok, msg in checks:
         if not ok:
             raise RealignError(f"nlsr: {msg}")
 
 
-# ============================================================================ the formulas
+def region_group(p: NLSRParams) -> str:
+    """The group scores compete in: the official rule per score unless ``group`` says otherwise."""
+    if p.granularity == "row":
+        return "matrix"
+    if p.group != "auto":
+        return p.group
+    return "matrix" if p.score == "lowrank" else "row"
+
+
+# ============================================================================ step 2: scores and region
 def lowrank_projection(w: torch.Tensor, r: int, *, gram: torch.Tensor | None = None,
                        out_gram: torch.Tensor | None = None, half: torch.Tensor | None = None) -> torch.Tensor:
     """W̃ = U_r U_rᵀ W, with U_r the top-r eigenvectors of W G Wᵀ (G = XᵀX), i.e. the top-r right
     singular vectors of S = X Wᵀ — from the input Gram G, or from SᵀS (``out_gram``) directly.
 
-    Computed in float64 (the boundary at r sits among small eigenvalues), in the smaller of the
-    two spaces: eigh of W G Wᵀ (d_out × d_out) when d_out ≤ d_in; else, with G = H Hᵀ (``half``,
-    shareable by modules that read the same input) and M = W H, eigh of MᵀM (d_in × d_in), since
-    U_r U_rᵀ W = M V_r Λ_r⁻¹ V_rᵀ Mᵀ W. Directions the data never reaches (zero eigenvalues) are
-    not kept."""
+    Exact, in float64 (the boundary at r sits among small eigenvalues; the official code uses a
+    randomised SVD instead), in the smaller of the two spaces: eigh of W G Wᵀ (d_out × d_out) when
+    d_out ≤ d_in; else, with G = H Hᵀ (``half``, shareable by modules that read the same input) and
+    M = W H, eigh of MᵀM (d_in × d_in), since U_r U_rᵀ W = M V_r Λ_r⁻¹ V_rᵀ Mᵀ W. Directions the
+    data never reaches (zero eigenvalues) are not kept."""
     w64 = w.double()
     d_out, d_in = w.shape
     r = max(0, min(r, d_out, d_in))
@@ -132,14 +178,14 @@ def lowrank_projection(w: torch.Tensor, r: int, *, gram: torch.Tensor | None = N
         u = _top_eigvecs(w64 @ gram.double() @ w64.T, r)
     else:
         h = (half if half is not None else gram_half(gram)).double()  # type: ignore[arg-type]
-        c = w64.T @ w64
-        lam, v = torch.linalg.eigh(_sym(h.T @ c @ h))
+        k = h.T @ (w64.T @ w64)  # Mᵀ W
+        lam, v = torch.linalg.eigh(_sym(k @ h))  # MᵀM
         lam, v = lam[-r:], v[:, -r:]
         keep = lam > max(float(lam.max()), 0.0) * 1e-12
         if not bool(keep.any()):
             return torch.zeros_like(w, dtype=torch.float32)
         lam, v = lam[keep], v[:, keep]
-        return (w64 @ (h @ ((v / lam) @ (v.T @ (h.T @ c))))).float()
+        return (w64 @ (h @ ((v / lam) @ (v.T @ k)))).float()
     return (u @ (u.T @ w64)).float()
 
 
@@ -163,77 +209,25 @@ def wanda_score(w: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
     return w.abs().float() * sqnorm.float().clamp_min(0).sqrt().unsqueeze(0)
 
 
-def top_mask(score: torch.Tensor, keep: int) -> torch.Tensor:
-    """Boolean mask of exactly ``keep`` largest entries (ties broken by position, deterministically)."""
-    flat = torch.nan_to_num(score.reshape(-1).float(), nan=0.0)
-    n = flat.numel()
-    if keep >= n:
-        return torch.ones_like(score, dtype=torch.bool)
-    if keep <= 0:
-        return torch.zeros_like(score, dtype=torch.bool)
-    thresh = torch.kthvalue(flat, n - keep).values
-    mask = flat > thresh
-    missing = keep - int(mask.sum())
-    if missing > 0:
-        ties = (flat == thresh).nonzero().flatten()[:missing]
-        mask[ties] = True
-    return mask.reshape(score.shape)
+def factor_gradients(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂L/∂A, ∂L/∂B) from G = ∂L/∂W when W = W_b + s·B·A (chain rule; no second pass needed)."""
+    g = g.float()
+    return scale * (b.float().T @ g), scale * (g @ a.float().T)
 
 
-def _keep_count(n: int, sparsity: float) -> int:
-    return n - math.floor(n * sparsity + 1e-9)
-
-
-def region_mask(score: torch.Tensor, sparsity: float, granularity: str = "entry") -> torch.Tensor:
-    """The safety region of one matrix: the top (1 − sparsity) of its entries by score, or of its
-    output rows by summed score (``granularity="row"``)."""
+def region_mask(score: torch.Tensor, sparsity: float, granularity: str = "entry",
+                group: str = "matrix") -> torch.Tensor:
+    """The safety region of one matrix: the entries scored strictly above the ⌊n·sparsity⌋-th of
+    the n scores of their group (the whole matrix, or their output row: ``group="row"``), the
+    official count (``realign.masks.keep_above``); with ``granularity="row"``, whole output rows
+    by summed score, compared in the same way."""
     if granularity == "row":
-        rows = top_mask(score.float().sum(1), _keep_count(score.shape[0], sparsity))
-        return rows.unsqueeze(1).expand_as(score).contiguous()
-    return top_mask(score, _keep_count(score.numel(), sparsity))
+        return keep_above(score.float().sum(1), sparsity).unsqueeze(1).expand_as(score).contiguous()
+    return keep_above(score, sparsity, dim=1 if group == "row" else None)
 
 
-# Masks and gathers go through numpy: its bit packing and compress/put are several times faster
-# than torch's boolean indexing on CPU, which matters when apply streams a multi-GB checkpoint.
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(x: torch.Tensor) -> np.ndarray:
-    """The raw bits of a contiguous CPU tensor as a numpy integer array (sharing memory; bf16
-    has no numpy dtype, and copying values needs none)."""
-    return x.reshape(-1).view(_INT_VIEW[x.element_size()]).numpy()
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Bool tensor -> uint8 bits (row-major, most significant bit first): 1 bit per entry."""
-    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy()))
-
-
-def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    n = math.prod(shape)
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).view(np.bool_)).view(shape)
-
-
-def gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The entries of ``x`` under ``mask``, row-major, in x's dtype (= x.reshape(-1)[mask.reshape(-1)])."""
-    x = x.detach().cpu().contiguous()
-    return torch.from_numpy(np.compress(mask.reshape(-1).cpu().numpy(), _bits(x))).view(x.dtype)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """cos(vec a, vec b), accumulated in float64; 0 when either side is all zeros (no direction)."""
-    def flat(t: torch.Tensor) -> np.ndarray:
-        t = t.detach().cpu().reshape(-1)
-        return (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy()
-
-    x, y = flat(a), flat(b)
-    xx = np.einsum("i,i->", x, x, dtype=np.float64)
-    yy = np.einsum("i,i->", y, y, dtype=np.float64)
-    if xx == 0 or yy == 0:
-        return 0.0
-    return float(np.einsum("i,i->", x, y, dtype=np.float64) / math.sqrt(xx * yy))
-
-
+# ============================================================================ step 3: which modules
 def factor_inner(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> float:
     """⟨B1A1, B2A2⟩_F = tr(A1ᵀB1ᵀB2A2) = Σ (B1ᵀB2) ⊙ (A1A2ᵀ): r × r matrices only, never d_out × d_in."""
     return float(((b1.T @ b2).double() * (a1 @ a2.T).double()).sum())
@@ -287,148 +281,10 @@ def select_modules(c: list[float], selection: str = "adaptive", *, prune_rate: f
     raise RealignError(f"nlsr: selection must be adaptive, threshold or fraction, not {selection!r}")
 
 
-def factor_gradients(g: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∂L/∂A, ∂L/∂B) from G = ∂L/∂W when W = W_b + s·B·A (chain rule; no second pass needed)."""
-    g = g.float()
-    return scale * (b.float().T @ g), scale * (g @ a.float().T)
-
-
-def transplant(w: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """(1 − M)⊙W + M⊙W_e, with W_e given by its values under M (row-major order)."""
-    new = w.clone(memory_format=torch.contiguous_format)
-    np.put(_bits(new), np.flatnonzero(mask.reshape(-1).numpy()), _bits(values.to(new.dtype).contiguous()))
-    return new
-
-
-# apply streams a whole checkpoint through the two functions below: they work on row-major chunks
-# of a matrix, straight from the packed mask bits (no full boolean mask, no full float copies),
-# in a few threads (numpy and torch release the GIL), and add the chunks up in a fixed order.
-_CHUNK = 1 << 20  # entries (a multiple of 8 so chunks start on a mask byte); small: 4 threads hold one each
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def _popcount(packed: np.ndarray) -> int:
-    if hasattr(np, "bitwise_count"):  # numpy >= 2
-        return int(np.bitwise_count(packed).sum(dtype=np.int64))
-    return int(_POPCOUNT[packed].sum(dtype=np.int64))
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
-                                   thread_name_prefix="realign-nlsr")
-    return _POOL
-
-
-def _chunks(packed: torch.Tensor, n: int) -> list[tuple[int, int, int]]:
-    """(first entry, entries, offset of the chunk's first masked entry in the value vectors)."""
-    bits = packed.numpy()
-    out, offset = [], 0
-    for start in range(0, n, _CHUNK):
-        size = min(_CHUNK, n - start)
-        out.append((start, size, offset))
-        offset += _popcount(bits[start // 8:(start + size + 7) // 8])
-    return out
-
-
-def _chunk_mask(packed: torch.Tensor, start: int, size: int) -> np.ndarray:
-    return np.unpackbits(packed.numpy()[start // 8:(start + size + 7) // 8], count=size).view(np.bool_)
-
-
-def masked_similarity(w_f: torch.Tensor, packed: torch.Tensor, ref: torch.Tensor,
-                      base: torch.Tensor | None = None) -> tuple[float, int]:
-    """(c, changed) for one module: c = cos(W_f[M] − W_b[M], W_e[M] − W_b[M]) (without ``base``:
-    cos(W_f[M], W_e[M])), accumulated in float64; changed = entries where W_e[M] differs from
-    W_f[M] in W_f's dtype. Equal to ``cosine(gather(...) − base, ref − base)`` with the differences
-    taken in float64, up to summation order."""
-    w_f = w_f.detach().cpu().contiguous()
-    bits, dtype = _bits(w_f), w_f.dtype
-
-    def part(chunk: tuple[int, int, int]) -> tuple[float, float, float, int]:
-        start, size, offset = chunk
-        f = torch.from_numpy(np.compress(_chunk_mask(packed, start, size), bits[start:start + size])).view(dtype)
-        e = ref[offset:offset + f.numel()]
-        changed = int(torch.count_nonzero(e.to(dtype) != f))
-        # float64: exact differences and products of the stored values, new tensors (the patch is never touched)
-        x, y = f.double(), e.double()
-        if base is not None:
-            b = base[offset:offset + f.numel()].double()
-            x, y = x.sub_(b), y.sub_(b)
-        return float(x @ x), float(y @ y), float(x @ y), changed
-
-    parts = list(_pool().map(part, _chunks(packed, w_f.numel())))
-    xx, yy, xy = (math.fsum(p[i] for p in parts) for i in range(3))
-    changed = sum(p[3] for p in parts)
-    if xx == 0 or yy == 0:
-        return 0.0, changed
-    return xy / math.sqrt(xx * yy), changed
-
-
-def transplant_packed(w: torch.Tensor, packed: torch.Tensor, values: torch.Tensor,
-                      in_place: bool = False) -> tuple[torch.Tensor, int]:
-    """``transplant`` with the mask given as packed bits, chunk by chunk in threads. Returns the
-    new tensor and how many entries changed value (``new != w``). ``in_place``: write into ``w``
-    itself (a contiguous CPU tensor the caller owns), sparing a copy of the whole matrix."""
-    new = w if in_place else w.detach().cpu().clone(memory_format=torch.contiguous_format)
-    if in_place and (new.device.type != "cpu" or not new.is_contiguous()):
-        raise ValueError("in_place needs a contiguous CPU tensor")
-    bits, vals = _bits(new), _bits(values.to(new.dtype).contiguous())
-    dtype = new.dtype
-
-    def part(chunk: tuple[int, int, int]) -> int:
-        start, size, offset = chunk
-        where = np.flatnonzero(_chunk_mask(packed, start, size))
-        region, incoming = bits[start:start + size], vals[offset:offset + where.size]
-        # compared as values of the dtype (−0 = +0, NaN ≠ NaN), as ``new != w`` would
-        changed = int(torch.count_nonzero(torch.from_numpy(region[where]).view(dtype)
-                                          != torch.from_numpy(incoming).view(dtype)))
-        np.put(region, where, incoming)
-        return changed
-
-    changed = sum(_pool().map(part, _chunks(packed, new.numel())))
-    return new, changed
-
-
-def _scattered(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """float32 zeros with ``values`` under ``mask`` (M⊙W_e from the stored values)."""
-    out = torch.zeros(mask.shape)
-    np.put(_bits(out), np.flatnonzero(mask.reshape(-1).numpy()), _bits(values.float().contiguous()))
-    return out
-
-
-def _masked(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """float32 M⊙W (one new tensor, zeroed in place)."""
-    return w.to(torch.float32, copy=True).masked_fill_(~mask, 0.0)
-
-
 # ============================================================================ the method
-class _Lazy(Mapping):
-    """Tensors produced on first access and kept (adapter outputs are small and read twice)."""
-
-    def __init__(self, producers: dict[str, Callable[[], torch.Tensor]]):
-        self._producers = producers
-        self._cache: dict[str, torch.Tensor] = {}
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._cache:
-            self._cache[key] = self._producers[key]()
-        return self._cache[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._producers)
-
-    def __len__(self) -> int:
-        return len(self._producers)
-
-
 @dataclass
 class _Setup:
-    """What prepare decided about the models: mode, W_b, and how W_e is formed."""
+    """Step 1's decisions: mode, W_b, and how W_e is formed."""
 
     mode: str
     aligned: Model
@@ -439,14 +295,23 @@ class _Setup:
 
 
 @dataclass
-class _Calib:
-    """The result of the one calibration pass."""
+class _Module:
+    layer: int
+    role: str
+    name: str  # the weight tensor
+    module: str
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None  # lora mode: (A_e, B_e, s)
+    rep: str = ""  # the module whose input statistic this one reads (q, k, v share one; gate, up too)
 
-    stats: Any  # realign.stats.Stats, or None for snip
-    grads: dict[str, torch.Tensor] | None  # snip: ∂L/∂W per weight name
-    rep: dict[str, str]  # module -> the module whose input statistic it shares
-    source: str  # what was collected, for the report
-    halves: dict[str, torch.Tensor] = field(default_factory=dict)  # G = H Hᵀ of the current shared input
+
+@dataclass
+class _Region:
+    """The patch being built: masks and values per matrix."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    kept: int = 0
+    entries: int = 0
 
 
 @register
@@ -459,7 +324,7 @@ class NLSR(Method):
     uses = ("base", "calibration")  # calibration is checked in prepare: apply never needs it
     natural_output = "full"
 
-    # ------------------------------------------------------------------------ prepare
+    # ------------------------------------------------------------------------ step 1: the reference
     def _setup(self, inputs: Inputs, p: NLSRParams) -> _Setup:
         aligned, base, notes = inputs.aligned, inputs.base, []
         mode = p.mode if p.mode != "auto" else ("lora" if aligned.is_adapter else "dense")
@@ -488,19 +353,43 @@ class NLSR(Method):
         return _Setup(mode, aligned, base, gain, formula, notes)
 
     def _dense_reference(self, s: _Setup, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(W_e, W_b) of one matrix in float32; W_b None without a base."""
+        """(W_e, W_b) of one matrix in float32, from the files; W_b None without a base."""
         w_a = s.aligned.get(name).float()
         if s.base is None:
             return w_a, None
         w_b = s.base.get(name).float()
         return w_a + s.factor * (w_a - w_b), w_b
 
-    def _factor_reference(self, s: _Setup, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        f = s.aligned.lora_factors(name)
-        if f is None:
-            return None
-        a, b, scale = f
-        return s.factor * a.float(), s.factor * b.float(), scale
+    def _reference_model(self, inputs: Inputs, s: _Setup) -> tuple[Any, Any, list[_Module]]:
+        """W_e loaded as a model to run the safety data through, and the modules to score."""
+        from realign.compute import load_model
+
+        model, tokenizer = load_model(s.aligned, device=inputs.device, dtype=inputs.dtype)
+        device = next(model.parameters()).device
+        arch = s.aligned.arch
+        modules: list[_Module] = []
+        with torch.no_grad():
+            for layer, role, name in arch.linear_weights():
+                mod = _Module(layer, role, name, arch.module_name(layer, role))
+                if s.mode == "lora":
+                    f = s.aligned.lora_factors(name)
+                    if f is None:
+                        continue  # modules outside the adapter keep W_b = W_a: nothing to realign
+                    mod.lora = (s.factor * f[0].float(), s.factor * f[1].float(), f[2])
+                    w_e = _merged(s, mod.lora[0], mod.lora[1], mod)
+                else:
+                    w_e = self._dense_reference(s, name)[0]
+                model.get_parameter(name).copy_(w_e.to(device))
+                modules.append(mod)
+        if not modules:
+            raise RealignError(f"nlsr: the aligned adapter {s.aligned.ref} has no LoRA module on a decoder linear "
+                               "weight; use mode=dense")
+        for layer in {m.layer for m in modules}:
+            roles = {m.role: m for m in modules if m.layer == layer}
+            for group in _groups(list(roles)):
+                for role in group:
+                    roles[role].rep = roles[group[0]].module
+        return model, tokenizer, modules
 
     def _encode(self, inputs: Inputs, p: NLSRParams, tokenizer) -> list[Encoded]:
         cal = inputs.require("calibration", self.name)
@@ -514,98 +403,43 @@ class NLSR(Method):
             raise RealignError(f"nlsr: no calibration row of {cal.source} has a non-empty safe response")
         return encoded
 
+    # ------------------------------------------------------------------------ step 2: the safety region
     def prepare(self, inputs: Inputs, params: NLSRParams) -> Patch:
-        from realign.compute import load_model
-
         _check_params(params)
         p = params
-        s = self._setup(inputs, p)
-        arch = s.aligned.arch
         inputs.require("calibration", self.name)
-        timing: dict[str, float] = {}
         t0 = time.perf_counter()
-
-        # The reference model W_e, in memory, for the calibration pass (one model's worth of memory).
-        model, tokenizer = load_model(s.aligned, device=inputs.device, dtype=inputs.dtype)
-        device = next(model.parameters()).device
-        layers: list[tuple[int, str, str]] = []
-        lora_ref: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        with torch.no_grad():
-            for layer, role, name in arch.linear_weights():
-                if s.mode == "lora":
-                    ref = self._factor_reference(s, name)
-                    if ref is None:
-                        continue  # modules outside the adapter keep W_b = W_a: nothing to realign
-                    a_e, b_e, scale = ref
-                    lora_ref[name] = ref
-                    w_e = s.base.get(name).float() + scale * (b_e @ a_e)  # type: ignore[union-attr]
-                else:
-                    w_e = self._dense_reference(s, name)[0]
-                model.get_parameter(name).data.copy_(w_e.to(device))
-                layers.append((layer, role, name))
-        if not layers:
-            raise RealignError(f"nlsr: the aligned adapter {s.aligned.ref} has no LoRA module on a decoder linear "
-                               "weight; use mode=dense")
+        s = self._setup(inputs, p)  # step 1
+        model, tokenizer, modules = self._reference_model(inputs, s)
         encoded = self._encode(inputs, p, tokenizer)
-        timing["reference_model"] = time.perf_counter() - t0
+        timing = {"reference_model": time.perf_counter() - t0}
 
-        # ONE pass over the safe responses: running sums for the chosen score.
-        t1 = time.perf_counter()
-        calib = self._statistics(model, arch, layers, lora_ref, encoded, s, p)
-        timing["calibration_pass"] = time.perf_counter() - t1
+        # Step 2, layer by layer: the statistics of a layer, its scores and regions, and (lowrank,
+        # sequential) its projections W̃ written into the model before the next layer's inputs.
+        t1, scoring = time.perf_counter(), 0.0
+        sequential = p.score == "lowrank" and p.activations == "sequential"
+        group = region_group(p)
+        region = _Region()
+        passes: dict[str, Any] = {}
+        for layer_modules, stats in self._statistics(model, s, modules, encoded, p, sequential, passes):
+            t = time.perf_counter()
+            halves: dict[str, torch.Tensor] = {}  # G = H Hᵀ per shared input of this layer
+            for mod in layer_modules:
+                dense = self._dense_reference(s, mod.name) if mod.lora is None else None  # (W_e, W_b)
+                parts = self._scores(mod, dense, stats, p, model, halves)
+                self._add_region(region, s, mod, dense, parts, p, group)
+                if sequential:  # the official order: this layer holds W̃ before the next layer's inputs are made
+                    w_new = (_merged(s, parts["lora_A"][1], parts["lora_B"][1], mod) if s.mode == "lora"
+                             else parts[""][1])
+                    with torch.no_grad():
+                        model.get_parameter(mod.name).copy_(w_new)
+            scoring += time.perf_counter() - t
+        timing["calibration_passes"] = time.perf_counter() - t1 - scoring
+        timing["scoring"] = scoring
         del model
-        tokens = sum(e.response_len for e in encoded)
 
-        # Score, keep the top (1 − sparsity) of each matrix, store M, W_e[M], W_b[M].
-        t2 = time.perf_counter()
-        tensors: dict[str, torch.Tensor] = {}
-        modules: list[dict[str, Any]] = []
-        kept_total = entries_total = 0
-        for layer, role, name in progress(layers, desc="NLSR: safety region", total=len(layers), unit="module"):
-            module = arch.module_name(layer, role)
-            if s.mode == "lora":
-                a_e, b_e, scale = lora_ref[name]
-                score_a, score_b = self._factor_scores(a_e, b_e, scale, module, name, calib, p, device)
-                entry: dict[str, Any] = {"layer": layer, "role": role, "name": name, "module": module,
-                                         "scale": scale}
-                masked = []
-                for part, w, score in (("lora_A", a_e, score_a), ("lora_B", b_e, score_b)):
-                    mask = region_mask(score, p.sparsity, p.granularity)
-                    dtype = s.aligned.adapter.store.dtype(s.aligned.adapter.modules[module][part == "lora_B"])  # type: ignore[union-attr]
-                    tensors[f"{module}.{part}.mask"] = pack_mask(mask)
-                    tensors[f"{module}.{part}.ref"] = gather(w, mask).to(dtype)
-                    # what apply compares with: the stored values, as they will be read back
-                    masked.append(_scattered(mask, tensors[f"{module}.{part}.ref"]))
-                    entry[f"{part}_shape"] = list(w.shape)
-                    entry[f"{part}_kept"] = int(mask.sum())
-                    kept_total += int(mask.sum())
-                    entries_total += mask.numel()
-                entry["ref_norm2"] = factor_inner(masked[0], masked[1], masked[0], masked[1])
-                modules.append(entry)
-                continue
-            w_e, w_b = self._dense_reference(s, name)
-            score = self._dense_score(w_e, module, name, calib, p, device)
-            mask = region_mask(score, p.sparsity, p.granularity)
-            flat = mask.reshape(-1)
-            dtype = s.aligned.dtype(name) if w_b is None else torch.promote_types(s.aligned.dtype(name),
-                                                                                  s.base.dtype(name))  # type: ignore[union-attr]
-            tensors[f"{name}.mask"] = pack_mask(mask)
-            tensors[f"{name}.ref"] = gather(w_e, mask).to(dtype)
-            if w_b is not None:
-                tensors[f"{name}.base"] = gather(w_b, mask).to(dtype)
-            modules.append({"layer": layer, "role": role, "name": name, "module": module, "shape": list(w_e.shape),
-                            "kept": int(flat.sum())})
-            kept_total += int(flat.sum())
-            entries_total += flat.numel()
-        timing["scoring"] = time.perf_counter() - t2
-
-        meta = {
-            "format": PATCH_FORMAT,
-            "mode": s.mode,
-            "has_base": s.base is not None,
-            "reference": s.formula,
-            "modules": modules,
-        }
+        meta = {"format": PATCH_FORMAT, "mode": s.mode, "has_base": s.base is not None, "reference": s.formula,
+                "modules": region.modules}
         if s.mode == "lora":
             # A fine-tune continuing the aligned adapter sits on the same W_b: checked at apply.
             meta["lora_base"] = {"path": str(s.base.path), "sha256": sorted(weights_sha256(s.base).values())}  # type: ignore[union-attr]
@@ -614,88 +448,167 @@ class NLSR(Method):
             "reference": {"formula": s.formula, "alpha": p.alpha, "amplify": p.amplify,
                           "base": s.base.ref if s.base is not None else None},
             "score": p.score,
-            "statistic": calib.source,
-            "region": {"sparsity": p.sparsity, "granularity": p.granularity, "entries_kept": kept_total,
-                       "entries_total": entries_total, "rank_ratio": p.rank_ratio if p.score == "lowrank" else None},
-            "calibration": {"examples": len(encoded), "response_tokens": tokens},
+            "statistic": passes["what"],
+            "activations": p.activations if p.score == "lowrank" else "the reference model's",
+            "region": {"sparsity": p.sparsity, "granularity": p.granularity, "group": group,
+                       "count": "entries strictly above the floor(n·sparsity)-th score of their group",
+                       "entries_kept": region.kept, "entries_total": region.entries,
+                       "rank_ratio": p.rank_ratio if p.score == "lowrank" else None},
+            "calibration": {"examples": len(encoded), "response_tokens": sum(e.response_len for e in encoded)},
             "timing_seconds": {k: round(v, 3) for k, v in timing.items()},
-            "notes": list(s.notes),
+            "notes": list(s.notes) + passes.get("notes", []),
         }
-        return Patch(self.name, params_dict(p), meta, tensors, report)
+        return Patch(self.name, params_dict(p), meta, region.tensors, report)
 
-    def _statistics(self, model, arch, layers, lora_ref, encoded, s: _Setup, p: NLSRParams) -> _Calib:
-        """The one calibration pass over the safe responses, collecting only what the score needs."""
+    def _statistics(self, model, s: _Setup, modules: list[_Module], encoded: list[Encoded], p: NLSRParams,
+                    sequential: bool, passes: dict[str, Any]) -> Iterator[tuple[list[_Module], Any]]:
+        """Per layer (in order): its modules and what their scores need. snip: one gradient pass
+        first; lowrank and wanda: the layer's statistics from a layer-by-layer run."""
+        by_layer: dict[int, list[_Module]] = {}
+        for mod in modules:
+            by_layer.setdefault(mod.layer, []).append(mod)
         if p.score == "snip":
-            grads = loss_gradients(model, encoded, [name for _, _, name in layers], batch_size=p.batch_size,
-                                   desc="NLSR: gradient pass (safe responses)")
-            return _Calib(None, grads, {}, "gradient of the safe-response NLL (one forward + backward pass)")
-        by_layer: dict[int, dict[str, str]] = {}
-        for layer, role, name in layers:
-            by_layer.setdefault(layer, {})[role] = name
-        gram, out_gram, sqnorm = [], [], []
-        project: dict[str, torch.Tensor] = {}
-        shared: dict[str, str] = {}
-        for layer, roles in by_layer.items():
-            for group in _groups(list(roles)):
-                rep = arch.module_name(layer, group[0])
-                shared.update({arch.module_name(layer, r): rep for r in group})
-                if p.score == "wanda":
-                    sqnorm.append(rep)
-                if s.mode == "lora":
-                    # A's output Gram (= B's input Gram) is all lowrank needs; wanda's B needs its diagonal.
-                    for role in group:
-                        project[arch.module_name(layer, role)] = lora_ref[roles[role]][0]
+            passes["what"] = self._snip_what(p)
+            grads = self._gradients(model, modules, encoded, p)
+            for layer in sorted(by_layer):
+                yield by_layer[layer], grads
+            return
+        passes["what"] = {
+            "lowrank": "input Gram XᵀX or output Gram SᵀS per module",
+            "wanda": "input column norms ‖X_j‖ per module",
+        }[p.score] if s.mode == "dense" else "A·XᵀX·Aᵀ per module (the B factor's input Gram)" + (
+            " and input column norms" if p.score == "wanda" else "")
+        passes["what"] += (", layer by layer, each layer's inputs from the layers before it as projected"
+                           if sequential else ", layer by layer over the reference model (one forward pass)")
+        with Layerwise(model, s.aligned.arch, encoded, batch_size=p.batch_size, edits=sequential,
+                       desc="NLSR: safe responses") as run:
+            for layer in run:
+                if layer.index not in by_layer:
                     continue
-                if p.score != "lowrank":
-                    continue
-                d_in = model.get_parameter(roles[group[0]]).shape[1]
-                d_outs = [model.get_parameter(roles[r]).shape[0] for r in group]
+                yield by_layer[layer.index], layer.collect(**self._requests(model, s, by_layer[layer.index], p))
+            if run.spilled:
+                passes["notes"] = [f"the hidden states of {run.spilled} of {len(run.batches)} calibration batches "
+                                   "did not fit in half the free memory and went through a temporary file"]
+
+    def _requests(self, model, s: _Setup, mods: list[_Module], p: NLSRParams) -> dict[str, Any]:
+        """The statistics one layer's scores need, sharing one per input where modules share it."""
+        req: dict[str, Any] = {"gram": [], "out_gram": [], "sqnorm": [], "project": {}}
+        roles = {m.role: m for m in mods}
+        for group in _groups(list(roles)):
+            rep = roles[group[0]].rep
+            if p.score == "wanda":
+                req["sqnorm"].append(rep)
+            if s.mode == "lora":
+                # A's output Gram (= B's input Gram) is all lowrank needs; wanda's B needs its diagonal.
+                req["project"].update({roles[r].module: roles[r].lora[0] for r in group})  # type: ignore[index]
+            elif p.score == "lowrank":
+                d_in = model.get_parameter(roles[group[0]].name).shape[1]
+                d_outs = [model.get_parameter(roles[r].name).shape[0] for r in group]
                 # Keep the smaller statistic: one d_in² input Gram, or a d_out² output Gram per module.
                 if d_in * d_in <= sum(d * d for d in d_outs):
-                    gram.append(rep)
+                    req["gram"].append(rep)
                 else:
-                    out_gram.extend(arch.module_name(layer, r) for r in group)
-        stats = collect(model, arch, encoded, gram=gram, out_gram=out_gram, sqnorm=sqnorm, project=project,
-                        positions="response", batch_size=p.batch_size, desc="NLSR: calibration pass (safe responses)")
-        what = {"lowrank": "input Gram XᵀX or output Gram SᵀS per module (one forward pass)",
-                "wanda": "input column norms ‖X_j‖ (one forward pass)"}[p.score]
-        if s.mode == "lora":
-            what = "A·XᵀX·Aᵀ per module (the B factor's input Gram)" + (
-                " and input column norms" if p.score == "wanda" else "") + " (one forward pass)"
-        return _Calib(stats, None, shared, what)
+                    req["out_gram"].extend(roles[r].module for r in group)
+        return req
 
-    def _dense_score(self, w_e, module, name, calib: _Calib, p: NLSRParams, device) -> torch.Tensor:
+    def _snip_what(self, p: NLSRParams) -> str:
+        if p.snip_gradients == "pooled":
+            return "gradient of the mean safe-response NLL (one forward + backward pass)"
+        return "Σ_n |∂L_n/∂W| over the safe responses n (one forward + backward pass per batch)"
+
+    def _gradients(self, model, modules: list[_Module], encoded: list[Encoded], p: NLSRParams) -> dict[str, Any]:
+        if p.snip_gradients == "pooled":
+            return loss_gradients(model, encoded, [m.name for m in modules], batch_size=p.batch_size,
+                                  desc="NLSR: gradient pass (safe responses)")
+        transform: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+        for m in modules:
+            if m.lora is not None:  # per example, the factor gradients s·BᵀG_n and s·G_n·Aᵀ
+                a, b, scale = m.lora
+                dev = model.get_parameter(m.name).device
+                a, b = a.to(dev), b.to(dev)
+                transform[m.module] = lambda g, a=a, b=b, scale=scale: factor_gradients(g, a, b, scale)
+        return example_gradient_sums(model, encoded, [m.module for m in modules], transform=transform,
+                                     batch_size=p.batch_size, desc="NLSR: per-example gradients (safe responses)")
+
+    def _scores(self, mod: _Module, dense: tuple[torch.Tensor, torch.Tensor | None] | None, stats: Any,
+                p: NLSRParams, model, halves: dict[str, torch.Tensor]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """{part: (score, W̃ for lowrank else None)} for one module: part "" (dense: W_e is
+        ``dense[0]``) or the LoRA factors "lora_A" and "lora_B"."""
+        device = model.get_parameter(mod.name).device
+        ws = {"": dense[0]} if dense is not None else {"lora_A": mod.lora[0], "lora_B": mod.lora[1]}  # type: ignore[index]
         if p.score == "snip":
-            return (w_e * calib.grads[name].cpu().float()).abs()  # type: ignore[index]
-        stats = calib.stats
+            if p.snip_gradients == "pooled":
+                g = stats[mod.name].float().cpu()
+                grads = {"": g} if mod.lora is None else dict(zip(
+                    ("lora_A", "lora_B"), factor_gradients(g, mod.lora[0], mod.lora[1], mod.lora[2]), strict=True))
+                return {k: ((w * grads[k]).abs(), None) for k, w in ws.items()}
+            sums = dict(zip(ws, stats[mod.module], strict=True))
+            return {k: (w.abs() * sums[k].cpu(), None) for k, w in ws.items()}
+        st: Stats = stats
+        rep = mod.rep
         if p.score == "wanda":
-            return wanda_score(w_e, stats.sqnorm[calib.rep[module]].cpu())
-        r = math.floor(p.rank_ratio * min(w_e.shape) + 1e-9)
-        if module in stats.out_gram:
-            return lowrank_projection(w_e.to(device), r, out_gram=stats.out_gram[module]).abs().cpu()
-        rep = calib.rep[module]
-        if w_e.shape[0] <= w_e.shape[1]:
-            return lowrank_projection(w_e.to(device), r, gram=stats.gram[rep]).abs().cpu()
-        if rep not in calib.halves:  # one eigendecomposition per shared input (gate and up share one)
-            calib.halves.clear()
-            calib.halves[rep] = gram_half(stats.gram[rep])
-        return lowrank_projection(w_e.to(device), r, half=calib.halves[rep]).abs().cpu()
+            if mod.lora is None:
+                return {"": (wanda_score(ws[""], st.sqnorm[rep].cpu()), None)}
+            k_a = st.proj_gram[mod.module]
+            return {"lora_A": (wanda_score(ws["lora_A"], st.sqnorm[rep].cpu()), None),
+                    "lora_B": (wanda_score(ws["lora_B"], torch.diagonal(k_a).cpu()), None)}
+        out = {}
+        for k, w in ws.items():
+            r = math.floor(p.rank_ratio * min(w.shape) + 1e-9)
+            if mod.lora is not None:  # A from its output Gram, B from its input Gram: both A·XᵀX·Aᵀ
+                k_a = st.proj_gram[mod.module]
+                proj = (lowrank_projection(w.to(device), r, out_gram=k_a) if k == "lora_A"
+                        else lowrank_projection(w.to(device), r, gram=k_a))
+            elif mod.module in st.out_gram:
+                proj = lowrank_projection(w.to(device), r, out_gram=st.out_gram[mod.module])
+            elif w.shape[0] <= w.shape[1]:
+                proj = lowrank_projection(w.to(device), r, gram=st.gram[rep])
+            else:  # one eigendecomposition per shared input (gate and up share one)
+                if rep not in halves:
+                    halves[rep] = gram_half(st.gram[rep])
+                proj = lowrank_projection(w.to(device), r, half=halves[rep])
+            out[k] = (proj.abs().cpu(), proj)
+        return out
 
-    def _factor_scores(self, a_e, b_e, scale, module, name, calib: _Calib, p: NLSRParams, device):
-        if p.score == "snip":
-            g_a, g_b = factor_gradients(calib.grads[name].cpu(), a_e, b_e, scale)  # type: ignore[index]
-            return (a_e * g_a).abs(), (b_e * g_b).abs()
-        stats = calib.stats
-        k_a = stats.proj_gram[module]  # A·XᵀX·Aᵀ: the output Gram of A, the input Gram of B
-        if p.score == "wanda":
-            return (wanda_score(a_e, stats.sqnorm[calib.rep[module]].cpu()),
-                    wanda_score(b_e, torch.diagonal(k_a).cpu()))
-        r_a = math.floor(p.rank_ratio * min(a_e.shape) + 1e-9)
-        r_b = math.floor(p.rank_ratio * min(b_e.shape) + 1e-9)
-        return (lowrank_projection(a_e.to(device), r_a, out_gram=k_a).abs().cpu(),
-                lowrank_projection(b_e.to(device), r_b, gram=k_a).abs().cpu())
+    def _add_region(self, region: _Region, s: _Setup, mod: _Module, dense: tuple[torch.Tensor, torch.Tensor | None]
+                    | None, parts: dict[str, tuple[torch.Tensor, torch.Tensor | None]], p: NLSRParams,
+                    group: str) -> None:
+        """M per matrix, and the values the patch stores under it."""
+        if dense is not None:
+            w_e, w_b = dense
+            mask = region_mask(parts[""][0], p.sparsity, p.granularity, group)
+            dtype = s.aligned.dtype(mod.name) if w_b is None else torch.promote_types(
+                s.aligned.dtype(mod.name), s.base.dtype(mod.name))  # type: ignore[union-attr]
+            region.tensors[f"{mod.name}.mask"] = pack_mask(mask)
+            region.tensors[f"{mod.name}.ref"] = gather(w_e, mask).to(dtype)
+            if w_b is not None:
+                region.tensors[f"{mod.name}.base"] = gather(w_b, mask).to(dtype)
+            kept = int(mask.sum())
+            region.modules.append({"layer": mod.layer, "role": mod.role, "name": mod.name, "module": mod.module,
+                                   "shape": list(w_e.shape), "kept": kept})
+            region.kept += kept
+            region.entries += mask.numel()
+            return
+        entry: dict[str, Any] = {"layer": mod.layer, "role": mod.role, "name": mod.name, "module": mod.module,
+                                 "scale": mod.lora[2]}
+        stored = []
+        adapter = s.aligned.adapter
+        for part, w in (("lora_A", mod.lora[0]), ("lora_B", mod.lora[1])):
+            mask = region_mask(parts[part][0], p.sparsity, p.granularity, group)
+            dtype = adapter.store.dtype(adapter.modules[mod.module][part == "lora_B"])  # type: ignore[union-attr]
+            region.tensors[f"{mod.module}.{part}.mask"] = pack_mask(mask)
+            region.tensors[f"{mod.module}.{part}.ref"] = gather(w, mask).to(dtype)
+            # what apply compares with: the stored values, as they will be read back
+            stored.append(scattered(mask, region.tensors[f"{mod.module}.{part}.ref"]))
+            entry[f"{part}_shape"] = list(w.shape)
+            entry[f"{part}_kept"] = int(mask.sum())
+            region.kept += int(mask.sum())
+            region.entries += mask.numel()
+        entry["ref_norm2"] = factor_inner(stored[0], stored[1], stored[0], stored[1])
+        region.modules.append(entry)
 
-    # ------------------------------------------------------------------------ apply
+    # ------------------------------------------------------------------------ steps 3 and 4: apply
     def apply(self, patch: Patch, finetuned: Model, inputs: Inputs, params: NLSRParams) -> Edit:
         _check_params(params)
         meta = patch.meta
@@ -710,47 +623,6 @@ class NLSR(Method):
         return select_modules(c, p.selection, prune_rate=p.prune_rate, epsilon=p.epsilon, seed=p.seed, tau=p.tau,
                               k=p.k, direction=p.direction)
 
-    def _report(self, patch: Patch, p: NLSRParams, rows: list[dict[str, Any]], sel: Selection, changed: int,
-                entries: int, notes: list[str]) -> dict[str, Any]:
-        for i, row in enumerate(rows):
-            row["rank"] = sel.rank[i]
-            if sel.probability is not None:
-                row["p"] = round(sel.probability[i], 6)
-            row["restored"] = sel.restored[i]
-            if not sel.restored[i]:
-                row["entries_changed"] = 0
-            row["fraction_changed"] = round(row["entries_changed"] / row["entries"], 6)
-            row["c"] = round(row["c"], 6)
-        restored = sum(sel.restored)
-        selection = {"mode": p.selection}
-        if p.selection == "adaptive":
-            selection.update(direction=p.direction, prune_rate=p.prune_rate, epsilon=p.epsilon, seed=p.seed)
-        elif p.selection == "threshold":
-            selection.update(tau=p.tau)
-        else:
-            selection.update(k=p.k if p.k is not None else round(p.prune_rate * len(rows)))
-        prep = patch.params
-        return {
-            "mode": patch.meta["mode"],
-            "reference": patch.meta.get("reference"),
-            "selection": selection,
-            "modules": rows,
-            "changed": {"entries": changed, "of_entries": entries,
-                        "percent": round(100.0 * changed / max(entries, 1), 4)},
-            "totals": {
-                "mode": patch.meta["mode"],
-                "modules_restored": f"{restored}/{len(rows)}",
-                "selection": p.selection,
-                "direction": p.direction if p.selection == "adaptive" else "-",
-                "seed": p.seed if p.selection == "adaptive" else "-",
-                "alpha": prep.get("alpha"),
-                "amplify": prep.get("amplify"),
-                "score": prep.get("score"),
-                "sparsity": prep.get("sparsity"),
-            },
-            "notes": notes,
-        }
-
     def _apply_dense(self, patch: Patch, ft: Model, p: NLSRParams) -> Edit:
         tensors = patch.tensors
         rows: list[dict[str, Any]] = []
@@ -762,20 +634,23 @@ class NLSR(Method):
                 got = list(ft.shape(name)) if name in ft else "missing"
                 raise RealignError(f"the patch does not fit fine-tune {ft.ref}: {name} is {got}, the patch was "
                                    f"prepared for {list(shape)}")
+
         def read(mod: dict[str, Any]) -> tuple[torch.Tensor, ...]:
             name = mod["name"]
             return (ft.get(name), tensors[f"{name}.mask"], tensors[f"{name}.ref"],
                     tensors[f"{name}.base"] if has_base else None)
 
-        # The next module's tensors are read while this one is scored.
+        # Step 3: c_j per module. The next module's tensors are read while this one is scored.
+        from realign.tensorio import prefetched
+
         for mod, arrays in progress(prefetched(modules, read), desc="NLSR: similarity per module",
                                     total=len(modules), unit="module"):
-            shape = tuple(mod["shape"])
             c, changed = masked_similarity(*arrays)
             del arrays
             rows.append({"module": mod["module"], "layer": mod["layer"], "role": mod["role"], "c": c,
-                         "entries_changed": changed, "entries": math.prod(shape), "region": mod["kept"]})
+                         "entries_changed": changed, "entries": math.prod(mod["shape"]), "region": mod["kept"]})
         sel = self._selection([r["c"] for r in rows], p)
+        # Step 4: the transplant, done by the writer tensor by tensor.
         transforms: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, int]]] = {}
         for mod, restored in zip(modules, sel.restored, strict=True):
             if restored:
@@ -785,7 +660,8 @@ class NLSR(Method):
         notes: list[str] = []
         adapter = None
         if ft.is_adapter:
-            adapter = self._dense_adapter(ft, modules, sel.restored, transforms)
+            adapter = full_rank_adapter(ft, {m["module"]: (m["name"], *m["shape"]) for m, on in
+                                             zip(modules, sel.restored, strict=True) if on}, transforms)
             if any(sel.restored):
                 notes.append("dense mode on a LoRA fine-tune: the default output is a full checkpoint; with --output "
                              "adapter the restored modules are stored at full rank (exact, not low-rank)")
@@ -799,53 +675,6 @@ class NLSR(Method):
         def fn(old: torch.Tensor) -> tuple[torch.Tensor, int]:
             return transplant_packed(old, tensors[f"{name}.mask"], tensors[f"{name}.ref"], in_place=True)
         return fn
-
-    def _dense_adapter(self, ft: Model, modules, restored, transforms) -> dict[str, Any]:
-        """A LoRA adapter on W_a reproducing the dense result: restored modules at full rank."""
-        adapter = ft.adapter
-        assert adapter is not None and ft.base is not None
-        config = dict(adapter.config)
-        ranks = dict(config.get("rank_pattern") or {})
-        alphas = dict(config.get("alpha_pattern") or {})
-        full: dict[str, tuple[str, int, int]] = {}
-        for mod, on in zip(modules, restored, strict=True):
-            if not on:
-                continue
-            module, (d_out, d_in) = mod["module"], mod["shape"]
-            k = min(d_out, d_in)
-            ranks[module] = k
-            alphas[module] = math.sqrt(k) if config.get("use_rslora") else k  # scale 1: B·A is the update itself
-            full[module] = (mod["name"], d_out, d_in)
-        config["rank_pattern"], config["alpha_pattern"] = ranks, alphas
-        new_scale = LoraAdapter(adapter.directory, config, adapter.store)
-
-        def factors(module: str) -> tuple[torch.Tensor, torch.Tensor]:
-            name, d_out, d_in = full[module]
-            base = ft.base.get(name)  # type: ignore[union-attr]
-            old = ft.get(name)
-            restored, _ = transforms[name](old)
-            delta = (restored.to(old.dtype).float() - base.float()) / new_scale.scale(module)
-            if d_in <= d_out:
-                return torch.eye(d_in), delta  # A = I, B = ΔW
-            return delta, torch.eye(d_out)  # A = ΔW, B = I
-
-        cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def produce(tensor: str, module: str | None, which: int) -> Callable[[], torch.Tensor]:
-            def fn() -> torch.Tensor:
-                if module is None:
-                    return adapter.store.get(tensor)
-                if module not in cache:
-                    cache[module] = factors(module)
-                return cache[module][which].contiguous()
-            return fn
-
-        owner = {}
-        for module, (a_name, b_name) in adapter.modules.items():
-            if module in full:
-                owner[a_name], owner[b_name] = (module, 0), (module, 1)
-        producers = {t: produce(t, *owner.get(t, (None, 0))) for t in adapter.store.names}
-        return {"config": config, "tensors": _Lazy(producers)}
 
     def _apply_factors(self, patch: Patch, ft: Model, p: NLSRParams) -> Edit:
         if not ft.is_adapter:
@@ -883,16 +712,17 @@ class NLSR(Method):
             e_a, e_b = tensors[f"{module}.lora_A.ref"], tensors[f"{module}.lora_B.ref"]
             changed = (int(torch.count_nonzero(e_a.to(a_f.dtype) != gather(a_f, m_a)))
                        + int(torch.count_nonzero(e_b.to(b_f.dtype) != gather(b_f, m_b))))
-            # Mask A and B separately, multiply, then compare (the product is the update ΔW, up to s).
-            c = factor_cosine(_masked(a_f, m_a), _masked(b_f, m_b), _scattered(m_a, e_a), _scattered(m_b, e_b),
+            # Step 3: mask A and B separately, multiply, then compare (the product is the update ΔW, up to s).
+            c = factor_cosine(masked(a_f, m_a), masked(b_f, m_b), scattered(m_a, e_a), scattered(m_b, e_b),
                               mod.get("ref_norm2"))
             rows.append({"module": module, "layer": mod["layer"], "role": mod["role"], "c": c,
                          "entries_changed": changed, "entries": a_f.numel() + b_f.numel(),
                          "region": mod["lora_A_kept"] + mod["lora_B_kept"]})
         sel = self._selection([r["c"] for r in rows], p)
+        # Step 4: the factors of the restored modules (read again: nothing per module was kept).
         out: dict[str, torch.Tensor] = {}
         restored = {mod["module"] for mod, on in zip(modules, sel.restored, strict=True) if on}
-        for module in restored:  # factors and masks read again: nothing per module was kept
+        for module in restored:
             a_f, b_f, _ = adapter.factors(module)  # type: ignore[misc]
             a_name, b_name = adapter.modules[module]
             m_a = unpack_mask(tensors[f"{module}.lora_A.mask"], tuple(a_f.shape))
@@ -910,6 +740,54 @@ class NLSR(Method):
         entries = sum(r["entries"] for r in rows)
         report = self._report(patch, p, rows, sel, changed, entries, notes)
         return Edit(adapter={"config": dict(adapter.config), "tensors": out}, report=report, dense=False)
+
+    def _report(self, patch: Patch, p: NLSRParams, rows: list[dict[str, Any]], sel: Selection, changed: int,
+                entries: int, notes: list[str]) -> dict[str, Any]:
+        for i, row in enumerate(rows):
+            row["rank"] = sel.rank[i]
+            if sel.probability is not None:
+                row["p"] = round(sel.probability[i], 6)
+            row["restored"] = sel.restored[i]
+            if not sel.restored[i]:
+                row["entries_changed"] = 0
+            row["fraction_changed"] = round(row["entries_changed"] / row["entries"], 6)
+            row["c"] = round(row["c"], 6)
+        restored = sum(sel.restored)
+        selection = {"mode": p.selection}
+        if p.selection == "adaptive":
+            selection.update(direction=p.direction, prune_rate=p.prune_rate, epsilon=p.epsilon, seed=p.seed)
+        elif p.selection == "threshold":
+            selection.update(tau=p.tau)
+        else:
+            selection.update(k=p.k if p.k is not None else round(p.prune_rate * len(rows)))
+        prep = patch.params
+        return {
+            "mode": patch.meta["mode"],
+            "reference": patch.meta.get("reference"),
+            "selection": selection,
+            "modules": rows,
+            "changed": {"entries": changed, "of_entries": entries,
+                        "percent": round(100.0 * changed / max(entries, 1), 4)},
+            "totals": {
+                "mode": patch.meta["mode"],
+                "modules_restored": f"{restored}/{len(rows)}",
+                "selection": p.selection,
+                "direction": p.direction if p.selection == "adaptive" else "-",
+                "seed": p.seed if p.selection == "adaptive" else "-",
+                "alpha": prep.get("alpha"),
+                "amplify": prep.get("amplify"),
+                "score": prep.get("score"),
+                # patches from before the option read every layer from W_e in one pass
+                "activations": prep.get("activations", "one-pass") if prep.get("score") == "lowrank" else "-",
+                "sparsity": prep.get("sparsity"),
+            },
+            "notes": notes,
+        }
+
+
+def _merged(s: _Setup, a: torch.Tensor, b: torch.Tensor, mod: _Module) -> torch.Tensor:
+    """W_b + s·B·A of a module in LoRA-factor mode (float32)."""
+    return s.base.get(mod.name).float() + mod.lora[2] * (b.float().cpu() @ a.float().cpu())  # type: ignore[union-attr,index]
 
 
 def _groups(roles: list[str]) -> list[tuple[str, ...]]:

@@ -1,24 +1,29 @@
 """refusal: add the aligned model's refusal direction to the fine-tune's residual stream
 (activation addition of Arditi et al. 2024, "Refusal in Language Models Is Mediated by a Single
-Direction"), baked into the checkpoint as an ``o_proj`` bias (``mode=bake``, where the family's
-config can carry one) or exported as a steering file for lm-evaluation-harness (``mode=export``).
+Direction"), baked into the checkpoint as a bias (``mode=bake``, where the family's config can
+carry it) or exported as a steering file for lm-evaluation-harness (``mode=export``).
+
+One point of the residual stream, as in the official code: the INPUT of decoder layer l (the
+residual stream before layer l, i.e. the output of layer l − 1). The direction is read there and
+added there.
 
 prepare (aligned model): per layer l, r_l = mean(h_l | harmful) − mean(h_l | harmless), h_l the
-output of layer l at the last prompt token, over the calibration prompts (a few of each kind are
+input of layer l at the last prompt token, over the calibration prompts (a few of each kind are
 held out for the layer search).
 
-The last layer's h_l is read before the model's final norm (transformers' last hidden state is
-normalised, a different scale from the residual stream the direction is added to).
-
-apply (fine-tuned model): add c · r_l to the residual stream inside layer l, after its attention
-(the ``o_proj`` output: the place a bias can carry it, see ``realign.bake``). Unless both are given,
-the layer l (among the layers before the last ``skip_last`` fraction) and c (in 1, 1/2, 1/4, 1/8)
-are chosen by realign's tuning loop (``realign.tuning``), on the FINE-TUNED model, from forward
-passes over the held-out calibration rows: the setting with the highest expected refusal of
-harmful prompts whose utility score stays within the tolerance of the fine-tune's. The utility
-bound matters here: activation addition shifts EVERY prompt by the same c · r_l, harmless ones
-included, and at c = 1 (Arditi et al.'s setting, made to induce refusal on harmless prompts) it
-moves a harmless prompt all the way to the harmful mean.
+apply (fine-tuned model): add c · r_l to the input of layer l at every position, i.e. to the
+output of layer l − 1: baked as the bias of layer l − 1's ``down_proj`` (whose output the layer
+adds to the residual stream as it is; ``realign.bake.block_output_edit``), exported as a hook on
+decoder layer l − 1's output, and scored by the tuning loop with that hook. Layer 0's input is
+the token embeddings, which no layer outputs, so l ≥ 1 (with a chat template r_0 is zero anyway:
+every prompt ends in the same template token). Unless both are given, the layer l (among layers
+1 … before the last ``skip_last`` fraction) and c (in 1, 1/2, 1/4, 1/8) are chosen by realign's
+tuning loop (``realign.tuning``), on the FINE-TUNED model, from forward passes over the held-out
+calibration rows: the setting with the highest expected refusal of harmful prompts whose utility
+score stays within the tolerance of the fine-tune's. The utility bound matters here: activation
+addition shifts EVERY prompt by the same c · r_l, harmless ones included, and at c = 1 (Arditi et
+al.'s setting, made to induce refusal on harmless prompts) it moves a harmless prompt all the way
+to the harmful mean.
 
 Refusal-opening tokens: the first tokens of the calibration ``safe_response`` texts that no
 ``unsafe_response`` or benign ``response`` starts with (falling back to common refusal openings).
@@ -35,7 +40,8 @@ import torch
 
 from realign.bake import (
     STEERING_FILE,
-    o_bias_edit,
+    block_output_edit,
+    layer_module,
     steering_bytes,
     steering_config,
     steering_readme,
@@ -47,18 +53,20 @@ from realign.prompts import resolve_template
 from realign.sources import Model
 from realign.stats import collect, encode
 
+# Where the directions of a patch were read (patches from before realign read each layer's output).
+READ_AT = "layer_input"
 FALLBACK_OPENINGS = ("I'm sorry", "I am sorry", "Sorry", "I cannot", "I can't", "I apologize", "As an AI")
 
 
 @dataclass
 class RefusalParams:
-    coeff: float | None = param(None, "c: c · r_l is added to the residual stream at layer l (default: chosen by "
+    coeff: float | None = param(None, "c: c · r_l is added to the input of layer l (default: chosen by "
                                 "the tuning loop among 1, 1/2, 1/4, 1/8; c = 1 moves harmless prompts to the harmful "
                                 "mean and makes the model refuse or fail everything)", stage="apply")
-    mode: str = param("bake", "bake: a checkpoint with the o_proj bias; export: a steering file for "
-                      "lm-evaluation-harness", stage="apply", choices=("bake", "export"))
-    layer: int | None = param(None, "layer to add the direction at (default: chosen by the tuning loop)",
-                              stage="apply")
+    mode: str = param("bake", "bake: a checkpoint with the addition as layer l − 1's down_proj bias; export: a "
+                      "steering file for lm-evaluation-harness", stage="apply", choices=("bake", "export"))
+    layer: int | None = param(None, "layer l ≥ 1 whose input the direction is read at and added to (default: "
+                              "chosen by the tuning loop)", stage="apply")
     skip_last: float = param(0.2, "fraction of last layers the tuning loop skips", stage="apply")
     samples: int = param(256, "most prompts of each kind used for the direction", stage="prepare")
     seed: int = param(0, "seed of the draw of prompts when there are more than samples", stage="prepare")
@@ -67,18 +75,19 @@ class RefusalParams:
 
 
 def _check_bakeable(model: Model, mode: str) -> None:
-    if mode == "bake" and model.arch.o_bias_flag is None:
+    if mode == "bake" and model.arch.mlp_bias_flag is None:
         raise RealignError(
-            f"refusal: {model.arch.family} configs cannot give o_proj a bias, so a baked checkpoint would lose the "
-            "direction when reloaded; use --set mode=export (a steering file for lm-evaluation-harness) or add it "
-            "at run time: with realign.bake.add_to_outputs(model, realign.methods.refusal.additions(patch, arch, "
-            "layer)): ..."
+            f"refusal: {model.arch.family} configs cannot give down_proj a bias that adds to a layer's output, so a "
+            "baked checkpoint would lose the direction when reloaded; use --set mode=export (a steering file for "
+            "lm-evaluation-harness) or add it at run time: with realign.bake.add_to_outputs(model, "
+            "realign.methods.refusal.additions(patch, arch, layer)): ..."
         )
 
 
 def _check_layer(layer: int | None, num_layers: int) -> None:
-    if layer is not None and not 0 <= layer < num_layers:
-        raise RealignError(f"--set layer={layer}: the model has layers 0..{num_layers - 1}")
+    if layer is not None and not 1 <= layer < num_layers:
+        raise RealignError(f"--set layer={layer}: use a layer in 1..{num_layers - 1} (the direction is added to the "
+                           "input of layer l, the output of layer l − 1; layer 0's input is the token embeddings)")
 
 
 def first_tokens(tokenizer, texts: Sequence[str]) -> set[int]:
@@ -106,8 +115,17 @@ def refusal_tokens(tokenizer, safe: Sequence[str], unsafe: Sequence[str], benign
 
 
 def additions(patch: Patch, arch, layer: int, coeff: float = 1.0) -> dict[str, torch.Tensor]:
-    """{o_proj module of ``layer``: c · r_l}, for ``realign.bake.add_to_outputs`` on a loaded model."""
-    return {arch.module_name(layer, "o"): coeff * patch.tensors["directions"][layer].float()}
+    """{decoder layer l − 1: c · r_l}, for ``realign.bake.add_to_outputs`` on a loaded model: added
+    to layer l − 1's output, which is layer l's input, where r_l was read."""
+    _check_layer(layer, arch.num_layers)
+    return {layer_module(arch, layer - 1): coeff * _directions(patch)[layer].float()}
+
+
+def _directions(patch: Patch) -> torch.Tensor:
+    if patch.meta.get("read_at") != READ_AT:
+        raise RealignError("this refusal patch holds directions read at each layer's output (realign before the "
+                           "official hook point, the input of layer l): prepare it again")
+    return patch.tensors["directions"]
 
 
 @torch.no_grad()
@@ -143,7 +161,7 @@ def _sample(items: list[str], n: int, rng: random.Random) -> list[str]:
 @register
 class RefusalDirection(Method):
     name = "refusal"
-    title = "Refusal direction: add the aligned model's harmful-minus-harmless direction (baked o_proj bias)"
+    title = "Refusal direction: add the aligned model's harmful-minus-harmless direction at a layer's input"
     paper = "Arditi et al. 2024, Refusal in Language Models Is Mediated by a Single Direction (activation addition)"
     Params = RefusalParams
     # prepare requires the calibration; apply reads only the patch (held-out prompts included)
@@ -163,10 +181,10 @@ class RefusalDirection(Method):
 
         model, tokenizer = inputs.run_model(aligned)
         enc = encode(tokenizer, [(p, None) for p in train_h + train_b], inputs.template, params.max_length)
-        stats = collect(model, aligned.arch, enc, hidden=True,
+        stats = collect(model, aligned.arch, enc, hidden=True, hidden_at="input",
                         positions="last_prompt", batch_size=params.batch_size, desc="refusal direction pass")
         assert stats.hidden is not None
-        hidden = stats.hidden  # every layer on the residual stream, the last one before the final norm
+        hidden = stats.hidden  # the residual stream entering each layer
         directions = hidden[: len(train_h)].mean(0) - hidden[len(train_h):].mean(0)  # (layers, hidden)
         tokens, source = refusal_tokens(
             tokenizer, [e.safe_response for e in cal.harmful() if e.safe_response],
@@ -174,6 +192,7 @@ class RefusalDirection(Method):
             [e.response for e in cal.benign() if e.response])
         inputs.release()
         meta = {
+            "read_at": READ_AT,
             "refusal_tokens": tokens,
             "refusal_tokens_from": source,
             "template": resolve_template(tokenizer, inputs.template),
@@ -193,12 +212,16 @@ class RefusalDirection(Method):
         if not 0.0 <= params.skip_last < 1.0:
             raise RealignError(f"--set skip_last={params.skip_last}: use a fraction in [0, 1)")
         layers = finetuned.arch.num_layers
-        return {"layer": list(range(max(1, int(layers * (1.0 - params.skip_last))))), "coeff": list(COEFF_GRID)}
+        if layers < 2:
+            raise RealignError("refusal: the model has one layer; the direction is added to the input of a layer "
+                               "l ≥ 1")
+        # layers 1 … before the last skip_last share, at least layer 1
+        return {"layer": list(range(1, max(2, int(layers * (1.0 - params.skip_last))))), "coeff": list(COEFF_GRID)}
 
     def apply(self, patch: Patch, finetuned: Model, inputs: Inputs, params: RefusalParams) -> Edit:
         _check_bakeable(finetuned, params.mode)
         arch = finetuned.arch
-        directions = patch.tensors["directions"].float()
+        directions = _directions(patch).float()
         if directions.shape[0] != arch.num_layers:
             raise RealignError(f"refusal: the patch has directions for {directions.shape[0]} layers, the fine-tune "
                                f"has {arch.num_layers}: prepare it from this fine-tune's aligned model")
@@ -210,20 +233,20 @@ class RefusalDirection(Method):
         _check_layer(params.layer, arch.num_layers)
         layer, coeff = params.layer, params.coeff
         vector = coeff * directions[layer]
+        # Read at layer l's input, added there: the output of layer l − 1.
         if params.mode == "bake":
-            edit = o_bias_edit(finetuned, {layer: lambda: vector}, self.name)
+            edit = block_output_edit(finetuned, {layer - 1: lambda: vector}, self.name)
         else:
-            # lm-eval adds coefficient · vector at the o_proj output; c stays editable in the file
             peft = finetuned.is_adapter
-            config = steering_config(arch, {layer: directions[layer]}, coefficient=coeff, peft=peft)
+            config = steering_config(arch, {layer - 1: directions[layer]}, coefficient=coeff, peft=peft, at="block")
             readme = steering_readme(str(finetuned.path), self.name, coeff, list(config), peft,
-                                     str(finetuned.base.path) if peft and finetuned.base else None)
+                                     str(finetuned.base.path) if peft and finetuned.base else None, at="block")
             edit = Edit(files={STEERING_FILE: steering_bytes(config), "README.md": readme.encode()},
                         report={"export": {"file": STEERING_FILE, "hookpoints": list(config)}},
                         additions=additions(patch, arch, layer, coeff))
         edit.report.update({
-            "rule": "add c * r_l (aligned model, mean harmful - mean harmless hidden state at the last prompt token) "
-                    "to the residual stream at layer l, after its attention (o_proj output)",
+            "rule": "add c * r_l (aligned model, mean harmful - mean harmless input of layer l at the last prompt "
+                    "token) to the input of layer l (the output of layer l - 1), where r_l was read",
             "mode": params.mode,
             "layer": layer,
             "coeff": coeff,

@@ -39,8 +39,9 @@ Differences from the official code, all deliberate:
   - inside a block the sub-blocks' updates are applied lazily, 128 columns at a time (GPTQ's
     scheme): the same arithmetic as the official column order, with fewer, larger products.
 
-Memory. prepare holds the aligned model and every module input's Gram (one pass); apply holds
-one module's W_f, W and U in float32 plus block-sized temporaries.
+Memory. prepare runs the calibration data through the aligned model layer by layer (one forward
+pass in all, realign.layerwise), so it holds the model, one layer's Grams and the hidden states
+at one layer; apply holds one module's W_f, W and U in float32 plus block-sized temporaries.
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ import torch
 from realign.archs import Arch
 from realign.compute import resolve_device
 from realign.errors import RealignError
+from realign.layerwise import Layerwise
 from realign.methods import register
 from realign.methods.base import Edit, Inputs, Method, Patch, param, params_dict
 from realign.sources import Model
-from realign.stats import collect, encode
+from realign.stats import encode
 
 PATCH_FORMAT = "safedelta/1"
 SUB_BLOCK = 4  # the official code's sub-block width
@@ -220,26 +222,35 @@ class SafeDelta(Method):
         rows = cal.require("a safe_response (harmful prompt + refusal)",
                            [e for e in cal.harmful() if e.safe_response], self.name)[: params.samples]
         aligned, arch = inputs.aligned, inputs.aligned.arch
-        sources = sorted(set(input_modules(arch).values()))
+        by_layer: dict[int, list[str]] = {}
+        for layer, role, _name in arch.linear_weights():
+            source = input_modules(arch)[arch.weight_name(layer, role)]
+            by_layer.setdefault(layer, [])
+            if source not in by_layer[layer]:
+                by_layer[layer].append(source)
+        sources = [s for layer in sorted(by_layer) for s in by_layer[layer]]
         model, tokenizer = inputs.run_model(aligned)
         encoded = encode(tokenizer, [(e.prompt, e.safe_response) for e in rows], inputs.template, params.max_length)
-        stats = collect(model, arch, encoded, gram=sources, positions="all", batch_size=params.batch_size,
-                        desc="safedelta calibration pass")
+        tensors, dead, tokens = {}, {}, 0
+        # Layer by layer, as the official code runs it (an unedited model: one forward pass in all),
+        # so only one layer's Gram matrices are ever held, not the whole model's.
+        with Layerwise(model, arch, encoded, positions="all", batch_size=params.batch_size, edits=False,
+                       desc="safedelta statistics") as run:
+            for layer in run:
+                stats = layer.collect(gram=by_layer.get(layer.index, []))
+                tokens = stats.tokens or tokens
+                for source in by_layer.get(layer.index, []):
+                    gram = stats.gram.pop(source) * (2.0 / len(encoded))
+                    factor, dead[source] = inverse_factor(gram, params.damp)
+                    tensors[factor_key(source)] = factor.cpu()
         inputs.release()
-        device = resolve_device(inputs.device)
-        tensors, dead = {}, {}
-        for source in sources:
-            gram = stats.gram[source].to(device) * (2.0 / max(1, stats.examples))
-            tensors[factor_key(source)], dead[source] = inverse_factor(gram, params.damp)
-            tensors[factor_key(source)] = tensors[factor_key(source)].cpu()
-            del stats.gram[source]  # free each Gram once factored
         meta = {"format": PATCH_FORMAT, "inputs": sources, "dead_inputs": {k: v for k, v in dead.items() if v}}
         report = {
             "statistics": "H = (2/N) sum x x^T over the aligned model's inputs on harmful prompts + refusals "
                           "(prompt and response tokens), dampened; the patch keeps the upper Cholesky factor "
                           "of H^-1 per module input",
             "calibration_rows": len(rows),
-            "calibration_tokens": stats.tokens,
+            "calibration_tokens": tokens,
             "module_inputs": len(sources),
             "dead_inputs": sum(dead.values()),
             "damp": params.damp,

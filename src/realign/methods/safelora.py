@@ -5,8 +5,12 @@ Fine-tuning Large Language Models"; IBM/SafeLoRA).
 Per decoder linear module, with V = W_a − W_b (the alignment update) and C = V Vᵀ / ‖V‖_F:
 
     cos = cos(vec(C ΔW), vec(ΔW)),  ΔW = W_f − W_a
-    mode threshold: project every module with cos < τ;  mode topk: project the k lowest-cosine ones
+    mode topk (the official default): project the k = 10 lowest-cosine modules
+    mode threshold: project every module with round(cos, 5) ≤ τ (the official test), or cos < τ
     projected: ΔW ← C ΔW      (a LoRA fine-tune: B ← C B, since C (s B A) = s (C B) A)
+
+Tuning (``--tune``) searches k in the default mode (1, 2, 5, 10, 20, 40, … up to every module) and
+τ in threshold mode.
 
 C is d_out × d_out and never stored: C X is evaluated as V (Vᵀ X) / ‖V‖_F, or as (V Vᵀ) X / ‖V‖_F
 when that is cheaper (d_out < d_in and X has many columns — then the d_out² intermediate is
@@ -21,10 +25,11 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
+from realign.errors import RealignError
 from realign.methods import register
 from realign.methods.base import Edit, Inputs, Method, Patch, param
 from realign.progress import progress
@@ -33,12 +38,27 @@ from realign.sources import Model
 
 @dataclass
 class SafeLoraParams:
-    # --tune: the cosine threshold below which a module is projected (lower: fewer modules)
-    TUNE: ClassVar[dict[str, tuple]] = {"tau": (0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0)}
-    mode: str = param("threshold", "threshold: project modules with cosine < tau; topk: the k lowest-cosine modules",
-                      stage="apply", choices=("threshold", "topk"))
-    tau: float = param(0.5, "cosine threshold of mode=threshold", stage="apply")
+    mode: str = param("topk", "topk (official default): project the k lowest-cosine modules; threshold: the modules "
+                      "whose cosine passes threshold_rule against tau", stage="apply", choices=("topk", "threshold"))
     k: int = param(10, "number of modules projected in mode=topk", stage="apply")
+    tau: float = param(0.5, "cosine threshold of mode=threshold", stage="apply")
+    threshold_rule: str = param("official", "mode=threshold: official = project when cos rounded to 5 decimals is "
+                                "≤ tau; strict = when cos < tau (unrounded)", stage="apply",
+                                choices=("official", "strict"))
+
+
+TAU_GRID = (0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0)  # --tune in mode=threshold
+
+
+def k_grid(modules: int) -> list[int]:
+    """--tune in mode=topk: 1, 2, 5, then 10, 20, 40, … below the number of modules, and all of them."""
+    values = [1, 2, 5] + [10 * 2 ** i for i in range(32) if 10 * 2 ** i < modules]
+    return sorted({v for v in values if v < modules} | {modules})
+
+
+def passes(cos: float, tau: float, rule: str) -> bool:
+    """The threshold test: the official code projects when round(cos, 5) ≤ tau."""
+    return round(cos, 5) <= tau if rule == "official" else cos < tau
 
 
 def project(v: torch.Tensor, x: torch.Tensor, v_norm: float) -> torch.Tensor:
@@ -89,6 +109,13 @@ class SafeLora(Method):
     needs = ("base",)
     natural_output = "adapter"
 
+    def tune_space(self, patch: Patch, finetuned: Model, params: SafeLoraParams) -> dict[str, list[Any]]:
+        if params.mode == "threshold":
+            return {"tau": list(TAU_GRID)}
+        modules = (len(finetuned.adapter.modules) if finetuned.adapter is not None
+                   else len(finetuned.arch.linear_weights()))
+        return {"k": k_grid(modules)}
+
     def apply(self, patch: Patch, finetuned: Model, inputs: Inputs, params: SafeLoraParams) -> Edit:
         aligned, base = inputs.aligned, inputs.require("base", self.name)
         arch = aligned.arch
@@ -124,10 +151,12 @@ class SafeLora(Method):
             if not math.isnan(cos):
                 cosines[module] = cos
 
+        if params.k < 0:
+            raise RealignError(f"--set k={params.k}: use a number of modules ≥ 0")
         if params.mode == "topk":
-            chosen = sorted(cosines, key=lambda m: cosines[m])[: max(params.k, 0)]
+            chosen = sorted(cosines, key=lambda m: cosines[m])[: params.k]
         else:
-            chosen = [m for m, c in cosines.items() if c < params.tau]
+            chosen = [m for m, c in cosines.items() if passes(c, params.tau, params.threshold_rule)]
         chosen_set = set(chosen)
 
         transforms = {}
@@ -159,7 +188,8 @@ class SafeLora(Method):
             "rule": "per module: if cos(vec(C dW), vec(dW)) is low, dW <- C dW with C = V V^T / ||V||_F, V = W_a - W_b"
                     + (" (LoRA: B <- C B)" if factor_mode else ""),
             "mode": params.mode,
-            "threshold" if params.mode == "threshold" else "k": params.tau if params.mode == "threshold" else params.k,
+            **({"threshold": params.tau, "threshold_rule": params.threshold_rule} if params.mode == "threshold"
+               else {"k": params.k}),
             "edits": "lora_factors" if factor_mode else "dense",
             "modules_considered": len(cosines),
             "modules_changed": len(chosen),

@@ -24,11 +24,11 @@ apply (per fine-tune): add α·σ·θ̂ to the kept heads' outputs at every posi
   checkpoint whose ``o_proj`` bias is W_o,ft · disp, with the FINE-TUNED W_o, and whose config says
   so), ``export`` (a steering file for lm-evaluation-harness's ``steered`` model).
 
-Defaults, and why they scale with the model. The paper's K = 24 heads and α = 6 were set for 8B
-models with 1024 heads. K is therefore a fraction of all heads here (``k_fraction``, default
-24/1024 ≈ 2.3 %, i.e. exactly 24 heads on Llama-3-8B, 48 on 70B-class models as the paper uses),
-with at least one head; ``k`` overrides it with a count. On the miniature world (64 heads) the same
-fraction keeps 2 heads — see ``bench/safetylock.py --sweep`` for how K and α behave there.
+K. The official locks hold K = 24 heads whatever the model's size (Llama-3-8B, Llama-3-70B,
+Mistral-Nemo), so ``k`` = 24 is the default, capped at the number of heads; ``k_fraction`` (a share
+of all heads) is an option only. The patch keeps EVERY head's θ̂ and σ in probe order (a few floats
+per head: 0.5 MB for an 8B model), so K is an apply-stage parameter: the same lock file serves any
+K, and ``--tune`` searches K with α.
 """
 
 from __future__ import annotations
@@ -47,20 +47,25 @@ from realign.archs import Arch, arch_from_config
 from realign.calibration import Calibration, Example
 from realign.errors import RealignError
 from realign.methods import register
-from realign.methods.base import Edit, Inputs, Method, Patch, param, params_dict
+from realign.methods.base import Edit, Inputs, Method, Patch, build_params, param, params_dict
+from realign.serving import SERVE_CHOICES
 from realign.sources import Model
 from realign.stats import collect, encode
 
-LOCK_FORMAT = "safetylock/1"
+LOCK_FORMAT = "safetylock/2"  # /2: every head, ranked (K chosen at apply); /1 held the kept heads only
+OLD_FORMATS = ("safetylock/1",)
+K_DEFAULT = 24
 THETA = "theta"  # patch tensor: (K, head_dim) unit directions, one row per kept head
 
 
 @dataclass
 class SafetyLockParams:
-    # --tune: the lock's strength (the paper's α = 6 first)
-    TUNE: ClassVar[dict[str, tuple]] = {"alpha": (6.0, 3.0, 12.0, 18.0, 24.0)}
-    k_fraction: float = param(24 / 1024, "heads kept, as a fraction of all heads (the paper's K = 24 of 1024)")
-    k: int | None = param(None, "heads kept, as a count (overrides k_fraction)")
+    # --tune: the lock's strength and size (the paper's α = 6 and K = 24 first; K capped at the heads)
+    TUNE: ClassVar[dict[str, tuple]] = {"alpha": (6.0, 3.0, 12.0, 18.0, 24.0), "k": (24, 8, 64)}
+    k: int = param(K_DEFAULT, "heads kept: the top K by probe accuracy, capped at the number of heads (the official "
+                   "locks: 24 whatever the model's size)", stage="apply")
+    k_fraction: float | None = param(None, "heads kept as a share of all heads (overrides k when given)",
+                                     stage="apply")
     last_tokens: int = param(5, "T: samples are T tokens of each response (the window's size)")
     window: str = param("last", "which T response tokens are samples: last (the paper's) or first (where the "
                         "response commits to refusing or complying)", choices=("last", "first"))
@@ -74,12 +79,15 @@ class SafetyLockParams:
                          stage="apply")
     mode: str = param("bake", "bake: a checkpoint with o_proj biases; export: a steering file for "
                       "lm-evaluation-harness", stage="apply", choices=("bake", "export"))
+    serve: str = param("all", "bake: the servers the checkpoint must carry the lock in (all = transformers and "
+                       "vLLM; a family a server would load without the o_proj biases is refused)", stage="apply",
+                       choices=SERVE_CHOICES)
 
 
 def _check_params(p: SafetyLockParams) -> None:
     checks = [
-        (0 < p.k_fraction <= 1, "k_fraction must be in (0, 1]"),
-        (p.k is None or p.k >= 1, "k must be ≥ 1"),
+        (p.k_fraction is None or 0 < p.k_fraction <= 1, "k_fraction must be in (0, 1]"),
+        (p.k >= 1, "k must be ≥ 1"),
         (p.last_tokens >= 1, "last_tokens must be ≥ 1"),
         (p.pairs is None or p.pairs >= 2, "pairs must be ≥ 2 (the probes need a train and a validation side)"),
         (0 < p.val_fraction < 1, "val_fraction must be in (0, 1)"),
@@ -244,6 +252,12 @@ class Lock:
     def __len__(self) -> int:
         return len(self.heads)
 
+    def top(self, k: int) -> Lock:
+        """The lock restricted to its first ``k`` heads in probe order (all of them when k is larger)."""
+        k = max(1, min(k, len(self)))
+        return Lock(self.layers[:k], self.heads[:k], self.theta[:k], self.sigma[:k], self.config, self.source,
+                    self.scores[:k], self.params, self.report, self.inputs)
+
     # ------------------------------------------------------------------ the addition
     def displacements(self, alpha: float = 6.0) -> dict[int, torch.Tensor]:
         """Per layer with kept heads: the (heads·head_dim,) vector added to ``o_proj``'s input,
@@ -272,19 +286,27 @@ class Lock:
                 for layer, d in self.displacements(alpha).items()}
 
     @contextmanager
-    def applied(self, model, alpha: float = 6.0, how: str = "hooks") -> Iterator[Any]:
+    def applied(self, model, alpha: float = 6.0, how: str = "hooks", positions: str = "all") -> Iterator[Any]:
         """Lock a loaded transformers model for the duration of a ``with`` block.
 
         ``how="hooks"``: forward pre-hooks on ``o_proj`` add α·σ·θ̂ to the kept heads' slice;
         ``how="bias"``: the equivalent o_proj biases W_o·disp are installed in memory (what a baked
-        checkpoint holds). Either is removed on exit; the model's weights are never changed."""
+        checkpoint holds). Either is removed on exit; the model's weights are never changed.
+        ``positions``: ``all`` (every position: the official baked lock, and the only thing a bias
+        can do) or ``generated`` (hooks only: the last position of each forward call — ITI's scheme,
+        i.e. the last prompt token and every generated token, never the rest of the prompt)."""
+        if positions not in ("all", "generated"):
+            raise RealignError(f"positions={positions!r}: use all or generated")
+        if positions == "generated" and how != "hooks":
+            raise RealignError("positions=generated needs how=hooks: a bias adds the lock at every position")
         arch = self.arch
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "to_dict"):
             self.check_fits(arch_from_config(config.to_dict()))
         names = {layer: arch.module_name(layer, "o") for layer in sorted(set(self.layers))}
         if how == "hooks":
-            with bake.add_to_inputs(model, {names[layer]: d for layer, d in self.displacements(alpha).items()}):
+            with bake.add_to_inputs(model, {names[layer]: d for layer, d in self.displacements(alpha).items()},
+                                    positions="last" if positions == "generated" else "all"):
                 yield model
         elif how == "bias":
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -305,7 +327,7 @@ class Lock:
 
     @classmethod
     def from_patch(cls, patch: Patch) -> Lock:
-        if patch.method != SafetyLock.name or patch.meta.get("format") != LOCK_FORMAT:
+        if patch.method != SafetyLock.name or patch.meta.get("format") not in (LOCK_FORMAT, *OLD_FORMATS):
             raise RealignError(f"this is a {patch.method} patch, not a SafetyLock ({LOCK_FORMAT})")
         heads = patch.meta["heads"]
         theta = patch.tensors[THETA].float() if heads else torch.zeros(0, patch.meta["config"].get("head_dim", 0))
@@ -322,10 +344,18 @@ class Lock:
         return save_patch(self.to_patch(), path, force=force)
 
     @classmethod
-    def load(cls, path: str | Path) -> Lock:
+    def load(cls, path: str | Path, k: int | None = None) -> Lock:
+        """The lock with K heads: ``k``, else the K the lock file was prepared with (the file keeps
+        every head, ranked, so any K can be taken from it)."""
         from realign.api import load_patch
 
-        return cls.from_patch(load_patch(path))
+        patch = load_patch(path)
+        lock = cls.from_patch(patch)
+        params = build_params(SafetyLockParams, {key: v for key, v in patch.params.items()
+                                                 if key in SafetyLockParams.__dataclass_fields__})
+        if k is not None:
+            params.k, params.k_fraction = k, None
+        return lock.top(kept_heads(params, lock.arch.num_layers * lock.arch.num_heads))
 
 
 def _arch_config(arch: Arch) -> dict[str, Any]:
@@ -370,12 +400,11 @@ def extract(model, tokenizer, arch: Arch, rows: Sequence[Example], params: Safet
     val_mask = split_pairs(len(rows), params.val_fraction, params.seed)[pair]
     probes = fit_probes(acts.to(_compute_device(model)), labels, val_mask, c=params.probe_c)
     total = acts.shape[0]
-    k = params.k if params.k is not None else max(1, round(params.k_fraction * total))
-    k = min(k, total)
-    chosen = probes.ranking()[:k]
-    theta, sigma = mass_mean(acts[chosen], labels)
-    layers = [int(i) // arch.num_heads for i in chosen]
-    heads = [int(i) % arch.num_heads for i in chosen]
+    k = kept_heads(params, total)
+    ranked = probes.ranking()  # every head, best first: the patch keeps them all, K is chosen at apply
+    theta, sigma = mass_mean(acts[ranked], labels)
+    layers = [int(i) // arch.num_heads for i in ranked]
+    heads = [int(i) % arch.num_heads for i in ranked]
     report = {
         "pairs": len(rows),
         "samples": int(labels.numel()),
@@ -383,12 +412,18 @@ def extract(model, tokenizer, arch: Arch, rows: Sequence[Example], params: Safet
         "heads_total": total,
         "heads_kept": k,
         "probe_iterations": probes.iterations,
-        "val_accuracy_kept": [round(float(probes.val_accuracy[i]), 4) for i in chosen],
+        "val_accuracy_kept": [round(float(probes.val_accuracy[i]), 4) for i in ranked[:k]],
         "val_accuracy_mean_all": round(float(probes.val_accuracy.mean()), 4),
-        "layers_touched": sorted(set(layers)),
+        "layers_touched": sorted(set(layers[:k])),
     }
     return Lock(layers, heads, theta, sigma, _arch_config(arch), source or {},
-                [round(float(probes.val_accuracy[i]), 4) for i in chosen], params_dict(params), report)
+                [round(float(probes.val_accuracy[i]), 4) for i in ranked], params_dict(params), report)
+
+
+def kept_heads(params: SafetyLockParams, total: int) -> int:
+    """K: ``k_fraction`` of all heads when given (at least one), else ``k``; never more than there are."""
+    k = max(1, round(params.k_fraction * total)) if params.k_fraction is not None else params.k
+    return max(1, min(k, total))
 
 
 def _compute_device(model) -> torch.device:
@@ -421,12 +456,20 @@ class SafetyLock(Method):
         lock = extract(model, tokenizer, inputs.aligned.arch, rows, params, inputs.template, source)
         inputs.release()  # the writer may need the memory next
         patch = lock.to_patch()
-        patch.report["apply_defaults"] = {"alpha": params.alpha, "mode": params.mode}
+        patch.report["apply_defaults"] = {"alpha": params.alpha, "mode": params.mode, "k": params.k,
+                                          "k_fraction": params.k_fraction}
         return patch
+
+    def tune_space(self, patch: Patch, finetuned: Model, params: Any) -> dict[str, list[Any]]:
+        # K values above the lock's heads are the same candidate: keep each distinct K once
+        total = len(patch.meta.get("heads", [])) or K_DEFAULT
+        ks = list(dict.fromkeys(min(int(k), total) for k in SafetyLockParams.TUNE["k"]))
+        return {"alpha": list(SafetyLockParams.TUNE["alpha"]), "k": ks}
 
     def apply(self, patch: Patch, finetuned: Model, inputs: Inputs, params: SafetyLockParams) -> Edit:
         _check_params(params)
         lock = Lock.from_patch(patch)
+        lock = lock.top(kept_heads(params, lock.arch.num_layers * lock.arch.num_heads))
         arch = finetuned.arch
         lock.check_fits(arch, f"fine-tune {finetuned.ref}")
         units = lock.displacements(1.0)
@@ -435,7 +478,7 @@ class SafetyLock(Method):
         if params.mode == "bake":
             vectors = {layer: (lambda layer=layer, d=d: bake.output_vector(
                 finetuned.get(arch.weight_name(layer, "o")), params.alpha * d)) for layer, d in units.items()}
-            edit = bake.o_bias_edit(finetuned, vectors, self.name)
+            edit = bake.o_bias_edit(finetuned, vectors, self.name, serve=params.serve)
             edit.report.update(report)
             return edit
         # export: lm-eval adds coefficient · vector at each o_proj output; α stays editable in the file
@@ -456,8 +499,11 @@ class SafetyLock(Method):
         ``out=`` to save the lock file)."""
         from realign import api
 
-        return Lock.from_patch(api.prepare(cls.name, aligned=aligned, calibration=calibration, params=params,
-                                           template=template, device=device, dtype=dtype, out=out))
+        patch = api.prepare(cls.name, aligned=aligned, calibration=calibration, params=params, template=template,
+                            device=device, dtype=dtype, out=out)
+        lock = Lock.from_patch(patch)
+        return lock.top(kept_heads(build_params(SafetyLockParams, params, method=cls.name),
+                                   lock.arch.num_layers * lock.arch.num_heads))
 
 
 __all__ = ["SafetyLock", "SafetyLockParams", "Lock", "fit_probes", "split_pairs", "mass_mean", "head_activations",

@@ -63,6 +63,9 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "default": Recipe(),
+    # The default with heads as wide as real models' (head_dim 32 instead of 16, same parameters):
+    # the test of whether SafetyLock's per-head directions need wider heads (bench/safetylock_world.py).
+    "wide-heads": Recipe(heads=4),
     # Integration tests: a few seconds per stage; keeps the directions (aligned refuses, attacks
     # comply and learn the task) but not the default's margins.
     "small": Recipe(
