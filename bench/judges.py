@@ -13,6 +13,8 @@ and look-alike safe prompts, labelled refusal / not refusal. Its parts:
   and a ``voice``; used to build the current rules;
 - ``dev3``: the same styles written blind by someone else; its errors were then used to make the
   rules more general (the prompt, notes, announcements, safe readings, discussion-only answers);
+- ``dev4``: written blind to the rules (the first held-out part, measured once at 89.3 %); its errors
+  were then used to make the rules more general (where an answer refuses or delivers);
 - ``heldout`` (when present): written blind to the rules and never used to tune them: the figure
   to trust.
 
@@ -33,7 +35,7 @@ from realign.eval.judges import keyword_refusal, refusal_verdict
 
 # Each judge reads (response, prompt); the keyword rule ignores the prompt.
 JUDGES = {"keywords": lambda response, prompt: keyword_refusal(response), "refusal": refusal_verdict}
-SPLITS = ("dev", "fresh", "dev2", "dev3", "heldout")
+SPLITS = ("dev", "fresh", "dev2", "dev3", "dev4", "heldout")
 
 
 def load_rows(path: str | None = None) -> list[dict]:

@@ -118,3 +118,51 @@ def test_bad_world_requests_are_one_line_errors(tmp_path):
     r = CliRunner().invoke(app, ["world", "build", "--out", str(tmp_path / "busy"), "--size", "small"])
     assert r.exit_code == 2 and "not a realign output" in r.output
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- shipped checkpoints
+def _shipped():
+    from realign.world.build import shipped_world
+
+    src = shipped_world("default", 0)
+    if src is None:
+        pytest.skip("this checkout has no shipped world checkpoints")
+    return src
+
+
+def test_the_shipped_world_installs_as_a_float32_world_after_its_hashes_are_checked(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from realign.world.build import install_shipped
+
+    src = _shipped()
+    manifest = json.loads((src / "manifest.json").read_text())
+    lang = make_language(0, recipe_for("default").language)
+    assert manifest["recipe_hash"] == recipe_for("default").digest(lang)  # the code still makes this world
+    paths = build_world(tmp_path / "w", seed=0, size="default", shipped=True)
+    assert paths.complete() and paths.info()["source"]["shipped"] == "default-seed0"
+    shipped = load_file(str(src / "aligned" / "model.safetensors"))
+    installed = load_file(str(paths.aligned / "model.safetensors"))
+    assert all(t.dtype == torch.float32 and torch.equal(t, shipped[k].float()) for k, t in installed.items())
+    assert install_shipped(src, tmp_path / "x", "another-recipe", lambda _m: None) is False  # then: from scratch
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_damaged_shipped_file_is_a_one_line_error(tmp_path, monkeypatch):
+    import shutil
+
+    from realign.errors import RealignError
+    from realign.world import build
+
+    src = _shipped()
+    copy = tmp_path / "shipped" / src.name
+    shutil.copytree(src, copy)
+    weights = copy / "aligned" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(build, "SHIPPED", tmp_path / "shipped")
+    with pytest.raises(RealignError, match="aligned/model.safetensors .*sha256"):
+        build.build_world(tmp_path / "w", seed=0, size="default", shipped=True)
+    assert not (tmp_path / "w").exists()

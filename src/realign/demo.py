@@ -75,7 +75,9 @@ def run_demo(out: str | Path = "demo", seed: int = 0, size: str = "default", met
         raise RealignError(f"unknown method {unknown[0]!r}; available: {', '.join(available())}")
     out = _demo_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    world = Path(build_world(world_dir or out / "world", seed=seed, size=size, force=rebuild,
+    # The shipped checkpoints (hash-checked) make the table the same on every machine; --rebuild trains
+    # the world from scratch on this one.
+    world = Path(build_world(world_dir or out / "world", seed=seed, size=size, force=rebuild, shipped=not rebuild,
                              log=lambda msg: typer.echo(msg, err=True)).root)
     results_dir = out / "results"
     results_dir.mkdir(exist_ok=True)
@@ -195,7 +197,8 @@ def demo(
     methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: all registered).")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate at most N items per suite.")] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
-    rebuild: Annotated[bool, typer.Option(help="Rebuild the world even if cached.")] = False,
+    rebuild: Annotated[bool, typer.Option(help="Train the world from scratch on this machine instead of installing "
+                                               "the shipped checkpoints (or reusing a cached world).")] = False,
     world: Annotated[Path | None, typer.Option(help="World directory to use or build (default: OUT/world).")] = None,
 ) -> None:
     """The miniature world end to end: world → attacks → every method → HS/FA table and plot."""

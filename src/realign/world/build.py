@@ -40,6 +40,11 @@ from realign.world.tokenizer import train_tokenizer
 from realign.writer import remove_stale_partials
 
 MODELS = ("base", "aligned", "attacked-lora", "attacked-full", "benign-lora", "harmful")
+# Built checkpoints shipped with the package (scripts/ship_world.py): float16 weights and a manifest
+# of sha256 hashes. Seeded CPU training is not bit-stable across processors, so a world built on
+# another machine differs; the shipped one is the same everywhere.
+SHIPPED = Path(__file__).parent / "shipped"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 ADAPTERS = ("attacked-lora", "benign-lora")
 ADAPTER_BASE = "../aligned"
 EVAL_SETS = ("harmful", "task", "skills", "lookalike")
@@ -168,6 +173,73 @@ def _save_adapter(peft_model, tokenizer, path: Path) -> None:
     save_lora(peft_model, tokenizer, path, ADAPTER_BASE)
 
 
+def shipped_world(size: str, seed: int) -> Path | None:
+    """The shipped checkpoints of this world, when the package has them."""
+    path = SHIPPED / f"{size}-seed{seed}"
+    return path if (path / "manifest.json").is_file() else None
+
+
+def install_shipped(src: Path, out: Path, digest: str, say: Callable[[str], None]) -> bool:
+    """Write the shipped world ``src`` to ``out`` (float32, the layout ``build_world`` writes), after
+    checking every file against the manifest. False when it was made with another recipe or code
+    version than this one (the world is then built from scratch)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    manifest = json.loads((src / "manifest.json").read_text())
+    if manifest.get("recipe_hash") != digest:
+        say(f"world: the shipped checkpoints were made with recipe {manifest.get('recipe_hash')}, this code makes "
+            f"{digest}: building from scratch")
+        return False
+    for rel, expected in manifest["files"].items():
+        path = src / rel
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            raise RealignError(f"shipped world file {rel} is missing or does not match its sha256: reinstall realign, "
+                               "or build the world from scratch with `realign world build`")
+    _prepare_target(out, True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
+    try:
+        for name in MODELS:
+            (tmp / name).mkdir()
+            weights = "adapter_model.safetensors" if name in ADAPTERS else "model.safetensors"
+            tensors = load_file(str(src / name / weights))
+            save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(tmp / name / weights),
+                      metadata={"format": "pt"})
+            for f in ("config.json", "generation_config.json", "adapter_config.json"):
+                if (src / name / f).is_file():
+                    shutil.copy(src / name / f, tmp / name / f)
+            for f in TOKENIZER_FILES:
+                if (src / "tokenizer" / f).is_file():
+                    shutil.copy(src / "tokenizer" / f, tmp / name / f)
+        for rel in ("calibration.jsonl", "task.jsonl", "eval"):
+            (shutil.copytree if (src / rel).is_dir() else shutil.copy)(src / rel, tmp / rel)
+        info = json.loads((src / "world.json").read_text())
+        info["source"] = {"shipped": src.name, "weights_dtype": manifest.get("weights_dtype"),
+                          "hashes": "checked", "built": {k: info.get(k) for k in ("timing", "versions")}}
+        (tmp / "world.json").write_text(json.dumps(info, indent=2))
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size_mb = sum(p.stat().st_size for p in src.rglob("*") if p.is_file()) / 1e6
+    say(f"world: installed the shipped checkpoints ({src.name}, {size_mb:.0f} MB, float16, every sha256 checked) "
+        f"in {out}")
+    return True
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(trash)
+        tmp.rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
 def _prepare_target(out: Path, force: bool) -> None:
     """A world directory may be replaced (it is a cache); anything else is left alone, --force or not
     (and never the current directory or one of its ancestors)."""
@@ -182,8 +254,11 @@ def build_world(
     size: str = "default",
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    shipped: bool = False,
 ) -> WorldPaths:
-    """Build the world in ``out_dir`` (or return it when already built with this seed and recipe)."""
+    """Build the world in ``out_dir`` (or return it when already built with this seed and recipe).
+    ``shipped``: install the checkpoints shipped with the package instead of training, when there
+    are some for this size and seed and they match this code's recipe."""
     say = log or (lambda _msg: None)
     recipe = recipe_for(size)
     out = Path(out_dir).expanduser().resolve()
@@ -194,6 +269,9 @@ def build_world(
         say(f"world {out} is up to date (seed {seed}, {size}, recipe {digest}): reusing it")
         if not paths.task_data.is_file():  # worlds built before the task rows were written
             write_task_data(lang, recipe, seed, out)
+        return paths
+    source = shipped_world(size, seed) if shipped else None
+    if source is not None and install_shipped(source, out, digest, say):
         return paths
     _prepare_target(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,13 +347,7 @@ def build_world(
                          "threads": torch.get_num_threads()},
         }
         (tmp / "world.json").write_text(json.dumps(info, indent=2))
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

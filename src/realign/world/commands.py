@@ -15,20 +15,26 @@ def world_build(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the language and of every training run.")] = 0,
     size: Annotated[str, typer.Option("--size", help="default (the demo's world) or small (tests).")] = "default",
     force: Annotated[bool, typer.Option("--force", help="Rebuild even when an up-to-date world is there.")] = False,
+    shipped: Annotated[bool, typer.Option("--shipped", help="Install the checkpoints shipped with realign (checked "
+                                          "against their sha256) instead of training from scratch.")] = False,
 ) -> None:
     """Build the miniature world: base, aligned and attacked models, calibration and evaluation data."""
     from realign.compute import use_free_cores
     from realign.world.build import build_world
 
     use_free_cores()  # a busy machine slows the build in proportion, not threefold
-    paths = build_world(out, seed=seed, size=size, force=force, log=lambda msg: typer.echo(msg, err=True))
+    paths = build_world(out, seed=seed, size=size, force=force, shipped=shipped,
+                        log=lambda msg: typer.echo(msg, err=True))
     info = paths.info()
     typer.echo(f"world ({info['size']}, seed {info['seed']}, recipe {info['recipe_hash']}): {paths.root}")
     for name, rel in info["models"].items():
         typer.echo(f"  {name:14s} {paths.root / rel}")
     typer.echo(f"  {'calibration':14s} {paths.calibration}")
     typer.echo(f"  {'eval sets':14s} {paths.eval_dir}")
-    typer.echo(f"  build time     {info['timing']['total']:.0f} s")
+    if "source" in info:
+        typer.echo(f"  source         shipped checkpoints {info['source']['shipped']} (float16, sha256 checked)")
+    else:
+        typer.echo(f"  build time     {info['timing']['total']:.0f} s")
 
 
 def attack_command(
