@@ -39,9 +39,10 @@ import torch  # noqa: E402
 from synthetic import SHAPES, copy_seconds, dir_bytes, run_measured, write_synthetic  # noqa: E402
 
 from realign.api import PATCH_FILE, PATCH_TENSORS  # noqa: E402
+from realign.lora_factors import factor_inner  # noqa: E402
 from realign.masks import pack_mask  # noqa: E402
 from realign.methods.base import params_dict  # noqa: E402
-from realign.methods.nlsr import PATCH_FORMAT, NLSRParams, factor_inner, region_mask  # noqa: E402
+from realign.methods.nlsr import PATCH_FORMAT, NLSRParams, region_mask  # noqa: E402
 from realign.sources import load_model, weights_sha256  # noqa: E402
 from realign.tensorio import OutTensor, dtype_name, parse_size, write_sharded  # noqa: E402
 from realign.writer import write_adapter, write_json  # noqa: E402

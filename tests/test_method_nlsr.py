@@ -14,23 +14,18 @@ from typer.testing import CliRunner
 
 from realign import api
 from realign.errors import RealignError
+from realign.lora_factors import factor_cosine, factor_gradients
 from realign.masks import (
     cosine,
     gather,
+    lowrank_projection,
     masked_similarity,
     pack_mask,
     transplant,
     transplant_packed,
     unpack_mask,
 )
-from realign.methods.nlsr import (
-    factor_cosine,
-    factor_gradients,
-    lowrank_projection,
-    region_mask,
-    select_modules,
-    wanda_score,
-)
+from realign.methods.nlsr import region_mask, select_modules, wanda_score
 from realign.sources import load_model
 from realign.stats import collect, encode, example_gradient_sums, loss_gradients
 

@@ -45,6 +45,47 @@ from realign.archs import LAYER_PREFIX, Arch
 from realign.progress import progress
 from realign.stats import Accumulator, Encoded, Stats, padded, position_mask
 
+# Roles that read the same input (the layer's normed hidden state): one input statistic serves them all.
+SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))
+
+
+def shared_input_groups(roles: Sequence[str]) -> list[tuple[str, ...]]:
+    """Partition a layer's roles into groups that read the same input (``SHARED_INPUT``; any other
+    role alone), in the order of ``SHARED_INPUT`` and then of ``roles``."""
+    out, seen = [], set()
+    for group in SHARED_INPUT:
+        present = tuple(r for r in group if r in roles)
+        if present:
+            out.append(present)
+            seen.update(present)
+    out.extend((r,) for r in roles if r not in seen)
+    return out
+
+
+def input_requests(model, modules: Sequence[tuple[str, str, str]], *, sqnorm: bool = False, gram: bool = False,
+                   project: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """``Layer.collect``'s requests for one layer's linear modules, given as (role, weight name,
+    module name): one statistic per shared input (``shared_input_groups``), stored under the
+    group's first module. ``sqnorm``: Σ x_j²; ``gram``: the smaller of one d_in² input Gram and a
+    d_out² output Gram per module of the group; ``project``: {module: P}, P·XᵀX·Pᵀ per module
+    (instead of ``gram``)."""
+    req: dict[str, Any] = {"gram": [], "out_gram": [], "sqnorm": [], "project": {}}
+    by_role = {role: (name, module) for role, name, module in modules}
+    for group in shared_input_groups(list(by_role)):
+        first = by_role[group[0]][1]
+        if sqnorm:
+            req["sqnorm"].append(first)
+        if project is not None:
+            req["project"].update({by_role[r][1]: project[by_role[r][1]] for r in group})
+        elif gram:
+            d_in = model.get_parameter(by_role[group[0]][0]).shape[1]
+            d_outs = [model.get_parameter(by_role[r][0]).shape[0] for r in group]
+            if d_in * d_in <= sum(d * d for d in d_outs):
+                req["gram"].append(first)
+            else:
+                req["out_gram"].extend(by_role[r][1] for r in group)
+    return req
+
 
 class _Caught(Exception):
     """Raised by a stubbed layer to stop the model's forward once its arguments are known."""
@@ -243,6 +284,13 @@ class Layerwise:
     def spilled(self) -> int:
         """Batches whose hidden states are on disk."""
         return self.store.spilled
+
+    def notes(self) -> list[str]:
+        """What a report should say about the run (hidden states that went through a file)."""
+        if not self.spilled:
+            return []
+        return [f"the hidden states of {self.spilled} of {len(self.batches)} calibration batches did not fit in "
+                "half the free memory and went through a temporary file"]
 
     def close(self) -> None:
         self.store.close()

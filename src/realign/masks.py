@@ -2,9 +2,10 @@
 reading and writing the weights under them, fast enough to stream a multi-GB checkpoint.
 
 A region is a boolean mask of a matrix. On disk it is the mask bit-packed (row-major, most
-significant bit first) plus, per matrix, the values under it as a 1-D vector in row-major order.
-Methods that select and transplant entries (NLSR, and those that need the same kinds of masks)
-share these kernels.
+significant bit first) plus, per matrix, the values under it as a 1-D vector in row-major order
+(``RegionPatch`` builds such a patch). Methods that select and transplant entries (NLSR, and
+those that need the same kinds of masks) share these kernels, and the activation-aware low-rank
+projection whose magnitudes score the entries (``lowrank_projection``).
 
 Masks and gathers go through numpy: its bit packing and compress/put are several times faster
 than torch's boolean indexing on CPU. The streaming kernels (``masked_similarity``,
@@ -17,12 +18,81 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from realign.errors import RealignError
+
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# ----------------------------------------------------------------------------- scoring a region
+def lowrank_projection(w: torch.Tensor, r: int, *, gram: torch.Tensor | None = None,
+                       out_gram: torch.Tensor | None = None, half: torch.Tensor | None = None) -> torch.Tensor:
+    """W̃ = U_r U_rᵀ W, with U_r the top-r eigenvectors of W G Wᵀ (G = XᵀX), i.e. the top-r right
+    singular vectors of S = X Wᵀ — from the input Gram G, or from SᵀS (``out_gram``) directly.
+
+    Exact, in float64 (the boundary at r sits among small eigenvalues; the official code uses a
+    randomised SVD instead), in the smaller of the two spaces: eigh of W G Wᵀ (d_out × d_out) when
+    d_out ≤ d_in; else, with G = H Hᵀ (``half``, shareable by modules that read the same input) and
+    M = W H, eigh of MᵀM (d_in × d_in), since U_r U_rᵀ W = M V_r Λ_r⁻¹ V_rᵀ Mᵀ W. Directions the
+    data never reaches (zero eigenvalues) are not kept."""
+    w64 = w.double()
+    d_out, d_in = w.shape
+    r = max(0, min(r, d_out, d_in))
+    if r == 0:
+        return torch.zeros_like(w, dtype=torch.float32)
+    if out_gram is not None:
+        u = _top_eigvecs(out_gram.double(), r)
+    elif gram is None and half is None:
+        raise ValueError("lowrank_projection needs gram, half or out_gram")
+    elif d_out <= d_in and gram is not None:
+        u = _top_eigvecs(w64 @ gram.double() @ w64.T, r)
+    else:
+        h = (half if half is not None else gram_half(gram)).double()  # type: ignore[arg-type]
+        k = h.T @ (w64.T @ w64)  # Mᵀ W
+        lam, v = torch.linalg.eigh(_sym(k @ h))  # MᵀM
+        lam, v = lam[-r:], v[:, -r:]
+        keep = lam > max(float(lam.max()), 0.0) * 1e-12
+        if not bool(keep.any()):
+            return torch.zeros_like(w, dtype=torch.float32)
+        lam, v = lam[keep], v[:, keep]
+        return (w64 @ (h @ ((v / lam) @ (v.T @ k)))).float()
+    return (u @ (u.T @ w64)).float()
+
+
+def projection_from_stats(w: torch.Tensor, r: int, stats: Any, module: str, shared: str,
+                          halves: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``lowrank_projection`` of ``module``'s weight from the statistic collected for it
+    (``realign.stats.Stats``): its output Gram, else the input Gram stored under ``shared`` (the
+    module whose input it reads), factored once per input into ``halves`` when d_out > d_in."""
+    if module in stats.out_gram:
+        return lowrank_projection(w, r, out_gram=stats.out_gram[module])
+    if w.shape[0] <= w.shape[1]:
+        return lowrank_projection(w, r, gram=stats.gram[shared])
+    if shared not in halves:
+        halves[shared] = gram_half(stats.gram[shared])
+    return lowrank_projection(w, r, half=halves[shared])
+
+
+def gram_half(gram: torch.Tensor) -> torch.Tensor:
+    """H with G = H Hᵀ (float64), from one eigendecomposition of the input Gram G."""
+    lam, v = torch.linalg.eigh(_sym(gram.double()))
+    return v * lam.clamp_min(0).sqrt()
+
+
+def _sym(k: torch.Tensor) -> torch.Tensor:
+    return (k + k.T) / 2  # running sums drift from exact symmetry; eigh reads one triangle
+
+
+def _top_eigvecs(k: torch.Tensor, r: int) -> torch.Tensor:
+    _, v = torch.linalg.eigh(_sym(k))  # ascending eigenvalues
+    return v[:, k.shape[0] - r:]
 
 
 # ----------------------------------------------------------------------------- choosing a region
@@ -62,6 +132,29 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     n = math.prod(shape)
     return torch.from_numpy(np.unpackbits(packed.numpy(), count=n).view(np.bool_)).view(shape)
+
+
+@dataclass
+class RegionPatch:
+    """A patch of regions being built: per matrix KEY, ``KEY.mask`` (bit-packed) and one value
+    vector per source (``KEY.ref``, ``KEY.base``, …), plus the records a method keeps per module."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: list[dict[str, Any]] = field(default_factory=list)
+    kept: int = 0
+    entries: int = 0
+
+    def add(self, key: str, mask: torch.Tensor, dtype: torch.dtype, **values: torch.Tensor | None) -> int:
+        """Store ``mask`` and, per named source, its values under the mask in ``dtype`` (None: not
+        stored); returns the entries kept."""
+        self.tensors[f"{key}.mask"] = pack_mask(mask)
+        for suffix, w in values.items():
+            if w is not None:
+                self.tensors[f"{key}.{suffix}"] = gather(w, mask).to(dtype)
+        kept = int(mask.sum())
+        self.kept += kept
+        self.entries += mask.numel()
+        return kept
 
 
 def gather(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -190,3 +283,46 @@ def transplant_packed(w: torch.Tensor, packed: torch.Tensor, values: torch.Tenso
 
     changed = sum(_pool().map(part, _chunks(packed, new.numel())))
     return new, changed
+
+
+# ----------------------------------------------------------------------------- applying a patch
+def check_fits(ft: Any, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Each matrix of a patch ({name: shape}) is in the model ``ft``, with that shape."""
+    for name, shape in shapes.items():
+        if name not in ft or tuple(ft.shape(name)) != tuple(shape):
+            got = list(ft.shape(name)) if name in ft else "missing"
+            raise RealignError(f"the patch does not fit fine-tune {ft.ref}: {name} is {got}, the patch was "
+                               f"prepared for {list(shape)}")
+
+
+def region_similarities(ft: Any, shapes: Mapping[str, Sequence[int]], tensors: Mapping[str, torch.Tensor],
+                        with_base: bool, desc: str = "similarity per matrix") -> Iterator[tuple[float, int]]:
+    """``masked_similarity`` of each weight of the model ``ft`` named in ``shapes`` against the
+    patch's ``NAME.mask``, ``NAME.ref`` (and ``NAME.base``), in order, streamed: the next matrix
+    is read while this one is compared. Checks first that every matrix fits (``check_fits``)."""
+    from realign.progress import progress
+    from realign.tensorio import prefetched
+
+    check_fits(ft, shapes)
+
+    def read(name: str) -> tuple[torch.Tensor, ...]:
+        return (ft.get(name), tensors[f"{name}.mask"], tensors[f"{name}.ref"],
+                tensors[f"{name}.base"] if with_base else None)
+
+    def stream() -> Iterator[tuple[float, int]]:
+        for _name, arrays in progress(prefetched(list(shapes), read), desc=desc, total=len(shapes), unit="module"):
+            result = masked_similarity(*arrays)
+            del arrays
+            yield result
+
+    return stream()
+
+
+def transplant_from(tensors: Mapping[str, torch.Tensor], key: str
+                    ) -> Callable[[torch.Tensor], tuple[torch.Tensor, int]]:
+    """A writer transform W → ((1 − M)⊙W + M⊙V, entries changed) for the patch's matrix ``key``.
+    The mask and values are read when the writer reaches the tensor (memory stays one matrix); the
+    writer hands over a fresh copy of W, transplanted in place."""
+    def fn(old: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return transplant_packed(old, tensors[f"{key}.mask"], tensors[f"{key}.ref"], in_place=True)
+    return fn
