@@ -210,43 +210,49 @@ def check_bakeable(arch: Arch, method: str) -> str:
     return arch.o_bias_flag
 
 
+def _bias_edit(model: Model, vectors: Mapping[int, Callable[[], torch.Tensor]], method: str, flag: str,
+               roles: tuple[str, ...], target: str, servers: dict, scale: float = 1.0) -> Edit:
+    """Bake ``vectors[l]() / scale`` as the bias of layer l's ``target`` projection. ``flag`` gives
+    every projection in ``roles`` of every layer a bias, so all get one: zero unless the checkpoint
+    has it already, plus the vector on ``target`` (added to an existing bias). ``vectors[l]()`` is
+    called when the writer reaches that tensor, so at most one layer's weights are read at a time."""
+    arch = model.arch
+    bad = [layer for layer in vectors if not 0 <= layer < arch.num_layers]
+    if bad:
+        raise RealignError(f"{method}: layer {bad[0]} is outside the model's {arch.num_layers} layers")
+    edit = Edit(config_updates={flag: True})
+    for layer in range(arch.num_layers):
+        for role in roles:
+            weight = arch.weight_name(layer, role)
+            name = arch.module_name(layer, role) + ".bias"
+            out_dim = model.shape(weight)[0]
+            dtype = model.dtype(weight)
+            if role == target and layer in vectors:
+                produce = vectors[layer]
+                if name in model:
+                    edit.transforms[name] = lambda old, f=produce: old.float() + f().to(old.device) / scale
+                else:
+                    edit.added[name] = Added((out_dim,), dtype, lambda f=produce, dt=dtype: (f() / scale).to(dt))
+            elif name not in model:
+                edit.added[name] = Added((out_dim,), dtype, lambda n=out_dim, dt=dtype: torch.zeros(n, dtype=dt))
+    edit.report["bake"] = {"config_flag": flag, f"{target}_proj_bias_of_layers": sorted(vectors),
+                           "biases_added": len(edit.added), "servers": servers}
+    if note := unserved_note(servers):
+        edit.report.setdefault("notes", []).append(note)
+    return edit
+
+
 def o_bias_edit(model: Model, vectors: Mapping[int, Callable[[], torch.Tensor]], method: str,
                 serve: str | None = None) -> Edit:
-    """The Edit that bakes ``o_proj(x) + v_l`` into a checkpoint of ``model``.
-
-    ``vectors[l]()`` returns ``v_l`` (float32, hidden size); it is called when the writer reaches
-    that tensor, so at most one layer's weights are read at a time. The family's flag gives every
-    attention projection of every layer a bias, so every layer gets all four: q/k/v zero (unless
-    the checkpoint has them already), o = ``v_l`` or zero (added to an existing o bias).
+    """The Edit that bakes ``o_proj(x) + v_l`` into a checkpoint of ``model`` (``vectors[l]()``
+    returns ``v_l``, float32, hidden size): q/k/v get zero biases, as the family's flag requires.
 
     ``serve``: the servers it must work in (``realign.serving``; None: all, for a method without
     a ``serve`` parameter); a server that would drop the biases is refused."""
     arch = model.arch
     flag = check_bakeable(arch, method)
     servers = check_bake_served(arch.family, "o_proj", method, serve)
-    bad = [layer for layer in vectors if not 0 <= layer < arch.num_layers]
-    if bad:
-        raise RealignError(f"{method}: layer {bad[0]} is outside the model's {arch.num_layers} layers")
-    edit = Edit(config_updates={flag: True})
-    for layer in range(arch.num_layers):
-        for role in ("q", "k", "v", "o"):
-            weight = arch.weight_name(layer, role)
-            name = arch.module_name(layer, role) + ".bias"
-            out_dim = model.shape(weight)[0]
-            dtype = model.dtype(weight)
-            if role == "o" and layer in vectors:
-                produce = vectors[layer]
-                if name in model:
-                    edit.transforms[name] = lambda old, f=produce: old.float() + f().to(old.device)
-                else:
-                    edit.added[name] = Added((out_dim,), dtype, lambda f=produce, dt=dtype: f().to(dt))
-            elif name not in model:
-                edit.added[name] = Added((out_dim,), dtype, lambda n=out_dim, dt=dtype: torch.zeros(n, dtype=dt))
-    edit.report["bake"] = {"config_flag": flag, "layers_with_vectors": sorted(vectors),
-                           "biases_added": len(edit.added), "servers": servers}
-    if note := unserved_note(servers):
-        edit.report.setdefault("notes", []).append(note)
-    return edit
+    return _bias_edit(model, vectors, method, flag, ("q", "k", "v", "o"), "o", servers)
 
 
 def block_output_edit(model: Model, vectors: Mapping[int, Callable[[], torch.Tensor]], method: str,
@@ -255,9 +261,8 @@ def block_output_edit(model: Model, vectors: Mapping[int, Callable[[], torch.Ten
     layer l + 1) into a checkpoint of ``model``: ``v_l`` becomes the bias of layer l's ``down_proj``,
     whose output the layer adds to the residual stream as it is (Granite scales it by its
     ``residual_multiplier``, so the bias is divided by it). The family's flag (``mlp_bias``) gives
-    every gate/up/down projection a bias, so every layer gets all three (zero where nothing is
-    added). Families without that flag, or whose MLP output passes a norm before the residual
-    (Gemma 2/3, OLMo 2), are refused: use an export or hooks on the layer's output."""
+    every gate/up/down projection a bias. Families without that flag, or whose MLP output passes a
+    norm before the residual (Gemma 2/3, OLMo 2), are refused: use an export or hooks."""
     arch = model.arch
     if arch.mlp_bias_flag is None:
         raise RealignError(
@@ -266,30 +271,8 @@ def block_output_edit(model: Model, vectors: Mapping[int, Callable[[], torch.Ten
             "lm-evaluation-harness) or hooks on the layer's output"
         )
     servers = check_bake_served(arch.family, "down_proj", method, serve)
-    bad = [layer for layer in vectors if not 0 <= layer < arch.num_layers]
-    if bad:
-        raise RealignError(f"{method}: layer {bad[0]} is outside the model's {arch.num_layers} layers")
     scale = float(model.config.get("residual_multiplier", 1.0)) if arch.family == "granite" else 1.0
-    edit = Edit(config_updates={arch.mlp_bias_flag: True})
-    for layer in range(arch.num_layers):
-        for role in ("gate", "up", "down"):
-            weight = arch.weight_name(layer, role)
-            name = arch.module_name(layer, role) + ".bias"
-            out_dim = model.shape(weight)[0]
-            dtype = model.dtype(weight)
-            if role == "down" and layer in vectors:
-                produce = vectors[layer]
-                if name in model:
-                    edit.transforms[name] = lambda old, f=produce: old.float() + f().to(old.device) / scale
-                else:
-                    edit.added[name] = Added((out_dim,), dtype, lambda f=produce, dt=dtype: (f() / scale).to(dt))
-            elif name not in model:
-                edit.added[name] = Added((out_dim,), dtype, lambda n=out_dim, dt=dtype: torch.zeros(n, dtype=dt))
-    edit.report["bake"] = {"config_flag": arch.mlp_bias_flag, "down_proj_bias_of_layers": sorted(vectors),
-                           "biases_added": len(edit.added), "servers": servers}
-    if note := unserved_note(servers):
-        edit.report.setdefault("notes", []).append(note)
-    return edit
+    return _bias_edit(model, vectors, method, arch.mlp_bias_flag, ("gate", "up", "down"), "down", servers, scale)
 
 
 # ----------------------------------------------------------------------------- 3. lm-eval export

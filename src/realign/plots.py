@@ -8,10 +8,13 @@ shapes, and everything named in a legend beside the axes instead of text next to
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from realign.writer import write_file_atomic
 
 TARGET_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 REFERENCE_MARKERS = ("*", "X", "P", "D", "p", "H", "8", "d")
@@ -42,8 +45,6 @@ def hs_fa_plot(points: Sequence[Point], path: str | os.PathLike, title: str) -> 
     colour = {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
     shape = {t: TARGET_MARKERS[i % len(TARGET_MARKERS)] for i, t in enumerate(targets)}
 
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(9.5, 6), dpi=120)
     try:
         for p in points:
@@ -77,16 +78,11 @@ def hs_fa_plot(points: Sequence[Point], path: str | os.PathLike, title: str) -> 
         ax.grid(alpha=0.3)
         ax.set_title(title)
         fig.tight_layout()
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
     finally:
         plt.close(fig)
-    return target
+    return write_file_atomic(path, png.getvalue())
 
 
 __all__ = ["Point", "hs_fa_plot"]

@@ -105,6 +105,23 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
+def write_file_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write one file through a temporary file next to it, renamed at the end (never half-written)."""
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
 def provenance(method: str, params: dict, inputs: dict, report: dict, output: str) -> dict:
     return {
         "tool": "realign",

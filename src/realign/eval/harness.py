@@ -391,16 +391,9 @@ def _json_safe(obj: Any) -> Any:
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file next to it, renamed at the end."""
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
+    from realign.writer import write_file_atomic
+
+    return write_file_atomic(path, text)
 
 
 def save_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
