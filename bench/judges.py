@@ -1,25 +1,28 @@
-"""Accuracy of the offline judges (keywords, refusal) on the labelled response set.
+"""Accuracy of the offline judges (keywords, refusal-rules, refusal) on the labelled response set.
 
     python bench/judges.py [--errors] [--data FILE.jsonl]
 
 The set (``src/realign/eval/data/judge_labelled.jsonl``) holds hand-written responses to harmful
 and look-alike safe prompts, labelled refusal / not refusal. Its parts:
 
-- ``dev``: written before the refusal judge, used to build it;
+- ``dev``: written before the rules, used to build them;
 - ``fresh``: written after those first rules were frozen (its errors were later seen and some
   general rules fixed them, so it is no longer untouched);
-- ``dev2``: responses in the styles of real chat models that fooled the first judge (compliance
+- ``dev2``: responses in the styles of real chat models that fooled the first rules (compliance
   behind caveats or a lecture, refusals without apology, partial refusals), each with a ``style``
   and a ``voice``; used to build the current rules;
-- ``dev3``: the same styles written blind by someone else; its errors were then used to make the
-  rules more general (the prompt, notes, announcements, safe readings, discussion-only answers);
-- ``dev4``: written blind to the rules (the first held-out part, measured once at 89.3 %); its errors
-  were then used to make the rules more general (where an answer refuses or delivers);
-- ``heldout`` (when present): written blind to the rules and never used to tune them: the figure
-  to trust.
+- ``dev3``, ``dev4``, ``dev5``: the same styles written blind to the rules, each measured once
+  (86.7, 89.3, 87.2 %) and then used to make the rules more general or to train the learned model;
+- ``heldout``: written blind to the rules and to the learned model, never used to build either:
+  the figure to trust.
 
-Accuracy is agreement on ``refusal``. ``--data`` reads another file of rows in the same format
-(``prompt``, ``response``, ``refusal``; optional ``split``, ``kind``, ``style``) instead.
+Judges: ``keywords`` (the literature's 29 strings), ``refusal-rules`` (the rules alone) and ``refusal``
+(the rules' vote plus the learned model's, ``realign.eval.refusal_model``). The learned model is trained
+on every part but ``heldout``, so its figure on a training part would say nothing: on those parts the
+``refusal`` column uses, for each part, a model trained on the other parts (leave-one-part-out, with the
+shipped calibration), and on ``heldout`` the shipped model. Accuracy is agreement on ``refusal``.
+``--data`` reads another file of rows in the same format (``prompt``, ``response``, ``refusal``;
+optional ``split``, ``kind``, ``style``) and judges every row with the shipped model.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from collections import defaultdict
 from importlib import resources
 from pathlib import Path
 
-from realign.eval.judges import keyword_refusal, refusal_verdict
+import torch
 
-# Each judge reads (response, prompt); the keyword rule ignores the prompt.
-JUDGES = {"keywords": lambda response, prompt: keyword_refusal(response), "refusal": refusal_verdict}
-SPLITS = ("dev", "fresh", "dev2", "dev3", "dev4", "heldout")
+from realign.eval.judges import keyword_refusal, refusal_verdict
+from realign.eval.refusal_model import HELD_OUT_SPLITS, out_of_part_logits, shipped_model
+
+JUDGE_NAMES = ("keywords", "refusal-rules", "refusal")
+SPLITS = ("dev", "fresh", "dev2", "dev3", "dev4", "dev5", "heldout")
 
 
 def load_rows(path: str | None = None) -> list[dict]:
@@ -46,15 +51,30 @@ def load_rows(path: str | None = None) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def verdicts(rows: list[dict], packaged: bool) -> None:
+    """Add each judge's verdict to each row (``row["verdicts"][name]``)."""
+    model = shipped_model()
+    learned = [model.learned_log_odds(r["response"]) for r in rows]
+    if packaged:  # the training parts: each judged by a model that never saw it
+        train = [i for i, r in enumerate(rows) if r.get("split") not in HELD_OUT_SPLITS]
+        for i, z in zip(train, out_of_part_logits([rows[i] for i in train]), strict=True):
+            learned[i] = model.scale * z + model.offset
+    for r, z in zip(rows, learned, strict=True):
+        rules = refusal_verdict(r["response"], r.get("prompt"))
+        r["verdicts"] = {"keywords": keyword_refusal(r["response"]), "refusal-rules": rules,
+                         "refusal": z + (model.rules_weight if rules else -model.rules_weight) > 0}
+
+
 def accuracy(part: list[dict], name: str) -> float:
-    return 100.0 * sum(JUDGES[name](r["response"], r.get("prompt")) == r["refusal"] for r in part) / len(part)
+    return 100.0 * sum(r["verdicts"][name] == r["refusal"] for r in part) / len(part)
 
 
 def table(title: str, groups: dict[str, list[dict]], order: list[str] | None = None) -> None:
-    print(f"{title:<34} {'n':>4} {'keywords':>9} {'refusal':>8}")
+    print(f"{title:<34} {'n':>4} {'keywords':>9} {'rules':>7} {'refusal':>8}")
     for label in order or sorted(groups):
         part = groups[label]
-        print(f"  {label:<32} {len(part):>4} {accuracy(part, 'keywords'):>8.1f}% {accuracy(part, 'refusal'):>7.1f}%")
+        print(f"  {label:<32} {len(part):>4} " + " ".join(f"{accuracy(part, n):>{w}.1f}%" for n, w in
+                                                          zip(JUDGE_NAMES, (8, 6, 7), strict=True)))
     print()
 
 
@@ -63,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--errors", action="store_true", help="list the refusal judge's mistakes")
     ap.add_argument("--data", metavar="FILE", help="a labelled JSONL file to read instead of the packaged set")
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # the leave-one-part-out models: the same sums as the shipped one's
     rows = load_rows(args.data)
     if not rows:
         print("no labelled rows")
         return 1
+    verdicts(rows, packaged=args.data is None)
 
     by_split: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -92,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.errors:
         print("refusal judge mistakes (label, split, style or kind, response):")
         for r in rows:
-            if refusal_verdict(r["response"], r.get("prompt")) != r["refusal"]:
+            if r["verdicts"]["refusal"] != r["refusal"]:
                 tag = r.get("style") or r.get("kind", "")
                 print(f"  {'refusal' if r['refusal'] else 'complies':<8} {r.get('split', ''):<7} {tag}: "
                       f"{r['response'][:110]!r}")

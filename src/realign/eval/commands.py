@@ -64,8 +64,9 @@ def eval_command(
                                               "world-skills, world-xstest (default: the preset's, else harmful).")]
     = None,
     adapter: Annotated[str | None, typer.Option("--adapter", help="A LoRA adapter to put on MODEL.")] = None,
-    judge: Annotated[str | None, typer.Option("--judge", "-j", help="keywords|refusal|classifier|guard|openai; add + "
-                                              "for HS+ (default: the preset's judge, else keywords).")] = None,
+    judge: Annotated[str | None, typer.Option("--judge", "-j", help="keywords|refusal|refusal-rules|classifier|guard|"
+                                              "openai; add + for HS+ (default: the preset's judge, else keywords).")]
+    = None,
     judge_model: JudgeModel = None,
     judge_layout: JudgeLayout = None,
     judge_url: JudgeUrl = None,
@@ -139,8 +140,8 @@ def judge_command(
     = None,
     results: Annotated[Path | None, typer.Option("--results", "-r", help="A results JSON of realign eval: re-judge "
                                                  "its responses into a new results file.")] = None,
-    judge: Annotated[str, typer.Option("--judge", "-j", help="keywords|refusal|classifier|guard|openai; add + for "
-                                       "HS+.")] = "keywords",
+    judge: Annotated[str, typer.Option("--judge", "-j", help="keywords|refusal|refusal-rules|classifier|guard|"
+                                       "openai; add + for HS+.")] = "keywords",
     judge_model: JudgeModel = None,
     judge_layout: JudgeLayout = None,
     judge_url: JudgeUrl = None,

@@ -1,0 +1,41 @@
+"""Rebuild the learned refusal model shipped with realign from the labelled set.
+
+    python scripts/train_refusal_model.py [--data FILE.jsonl] [--out FILE.safetensors]
+
+Reads every part of the labelled set but ``heldout`` (``realign.eval.refusal_model.HELD_OUT_SPLITS``),
+calibrates the words' log-odds on their leave-one-part-out values, refits on all those rows and writes
+``src/realign/eval/data/refusal_model.safetensors``. Deterministic: the same rows give the same weights and constants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from realign.eval.refusal_model import build
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT / "src/realign/eval/data/judge_labelled.jsonl"
+DEFAULT_OUT = ROOT / "src/realign/eval/data/refusal_model.safetensors"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # one thread: the same sums in the same order on every run
+    rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    model = build(rows)
+    model.save(args.out)
+    print(f"{args.out}: trained on {model.trained_on} rows; calibration scale {model.scale:.4f}, "
+          f"offset {model.offset:.4f}; rules weight {model.rules_weight:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
