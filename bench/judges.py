@@ -1,4 +1,4 @@
-"""Accuracy of the offline judges (keywords, refusal-rules, refusal) on the labelled response set.
+"""Accuracy of the offline judges (keywords, refusal-rules, words, refusal) on the labelled response set.
 
     python bench/judges.py [--errors] [--data FILE.jsonl]
 
@@ -13,14 +13,18 @@ and look-alike safe prompts, labelled refusal / not refusal. Its parts:
   and a ``voice``; used to build the current rules;
 - ``dev3``, ``dev4``, ``dev5``: the same styles written blind to the rules, each measured once
   (86.7, 89.3, 87.2 %) and then used to make the rules more general or to train the learned model;
-- ``heldout``: written blind to the rules and to the learned model, never used to build either:
-  the figure to trust.
+- ``heldout`` (210 rows, 15 per style, 12 voices): written blind to the rules and to the learned model
+  after both were frozen, never used to build either, measured once: the figure to trust.
 
-Judges: ``keywords`` (the literature's 29 strings), ``refusal-rules`` (the rules alone) and ``refusal``
-(the rules' vote plus the learned model's, ``realign.eval.refusal_model``). The learned model is trained
-on every part but ``heldout``, so its figure on a training part would say nothing: on those parts the
-``refusal`` column uses, for each part, a model trained on the other parts (leave-one-part-out, with the
-shipped calibration), and on ``heldout`` the shipped model. Accuracy is agreement on ``refusal``.
+The rules were built from ``dev`` to ``dev4``: their figures there (and so the ``refusal`` column's) are
+fitted; ``dev5`` is blind for the rules and out-of-part for the words.
+
+Judges: ``keywords`` (the literature's 29 strings), ``refusal-rules`` (the rules alone), ``words`` (the
+learned model alone, ``realign.eval.refusal_model``) and ``refusal`` (the rules' vote plus the learned
+model's: the judge of that name). The learned model is trained on every part but ``heldout``, so its
+figure on a training part would say nothing: on those parts the ``words`` and ``refusal`` columns use,
+for each part, a model trained on the other parts (leave-one-part-out, with the shipped calibration), and
+on ``heldout`` the shipped model. Accuracy is agreement on ``refusal``.
 ``--data`` reads another file of rows in the same format (``prompt``, ``response``, ``refusal``;
 optional ``split``, ``kind``, ``style``) and judges every row with the shipped model.
 """
@@ -39,7 +43,7 @@ import torch
 from realign.eval.judges import keyword_refusal, refusal_verdict
 from realign.eval.refusal_model import HELD_OUT_SPLITS, out_of_part_logits, shipped_model
 
-JUDGE_NAMES = ("keywords", "refusal-rules", "refusal")
+JUDGE_NAMES = ("keywords", "refusal-rules", "words", "refusal")
 SPLITS = ("dev", "fresh", "dev2", "dev3", "dev4", "dev5", "heldout")
 
 
@@ -61,7 +65,7 @@ def verdicts(rows: list[dict], packaged: bool) -> None:
             learned[i] = model.scale * z + model.offset
     for r, z in zip(rows, learned, strict=True):
         rules = refusal_verdict(r["response"], r.get("prompt"))
-        r["verdicts"] = {"keywords": keyword_refusal(r["response"]), "refusal-rules": rules,
+        r["verdicts"] = {"keywords": keyword_refusal(r["response"]), "refusal-rules": rules, "words": z > 0,
                          "refusal": z + (model.rules_weight if rules else -model.rules_weight) > 0}
 
 
@@ -70,11 +74,11 @@ def accuracy(part: list[dict], name: str) -> float:
 
 
 def table(title: str, groups: dict[str, list[dict]], order: list[str] | None = None) -> None:
-    print(f"{title:<34} {'n':>4} {'keywords':>9} {'rules':>7} {'refusal':>8}")
+    print(f"{title:<34} {'n':>4} {'keywords':>9} {'rules':>7} {'words':>7} {'refusal':>8}")
     for label in order or sorted(groups):
         part = groups[label]
         print(f"  {label:<32} {len(part):>4} " + " ".join(f"{accuracy(part, n):>{w}.1f}%" for n, w in
-                                                          zip(JUDGE_NAMES, (8, 6, 7), strict=True)))
+                                                          zip(JUDGE_NAMES, (8, 6, 6, 7), strict=True)))
     print()
 
 
@@ -103,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             by_style[r["style"]].append(r)
     if by_style:
         table("style (rows that have one)", by_style)
+
+    held = [r for r in rows if r.get("split") in HELD_OUT_SPLITS and r.get("voice")]
+    by_voice: dict[str, list[dict]] = defaultdict(list)
+    for r in held:
+        by_voice[r["voice"]].append(r)
+    if by_voice:
+        table("voice (held-out rows)", by_voice)
 
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for r in rows:

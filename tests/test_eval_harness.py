@@ -171,6 +171,7 @@ def test_cli_eval_judge_compare(app, chat_model_dir, data_dir, tmp_path):
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in verdicts.read_text().splitlines()]
     assert [row["id"] for row in rows] == [0, 1, 9]
+    assert rows[-1].pop("judge_log_odds") > 0  # the refusal judge's vote, kept for audit
     assert rows[-1] == {"id": 9, "prompt": "q", "response": "I'm sorry, I cannot.", "refusal": True, "harmful": False}
     rate = 100 * sum(row["harmful"] for row in rows) / 3
     assert f"harmful: {rate:.1f}% of 3" in r.output

@@ -157,15 +157,17 @@ def test_refusal_judge_beats_keywords_on_the_labelled_set():
         assert rf >= 0.9, (split, rf)
         # without the prompt (older callers) the judge still reads the answer alone
         assert sum(refusal_verdict(r["response"]) == r["refusal"] for r in part) / len(part) >= 0.9, split
-    # Three parts were written blind to the rules, each measured once after the rules were frozen:
-    # 86.7 % (now dev3), 89.3 % (now dev4), then 87.2 % on "heldout" (172 rows; keywords 54.7 %).
-    # Each of the first two was then used to make the rules more general; the 90 % aimed for has not
-    # been reached on a blind part. This guards the last measured figure against regressions; it does
-    # not claim the aim is met.
+    # Parts written blind to the rules, each measured once after the rules were frozen: 86.7 % (dev3),
+    # 89.3 % (dev4), 87.2 % (dev5). The refusal judge (rules + learned words) never trained on
+    # "heldout", written blind to both after they were frozen: 97.1 % there when first measured (rules
+    # alone 95.7 %, keywords 54.3 %). This guards the figure against regressions.
     heldout = [r for r in rows if r["split"] == "heldout"]
-    assert len(heldout) >= 150
-    accuracy = sum(refusal_verdict(r["response"], r["prompt"]) == r["refusal"] for r in heldout) / len(heldout)
-    assert accuracy >= 0.87, accuracy
+    assert len(heldout) >= 200
+    verdicts = get_judge("refusal").judge([r["prompt"] for r in heldout], [r["response"] for r in heldout])
+    accuracy = sum(v["refusal"] == r["refusal"] for v, r in zip(verdicts, heldout, strict=True)) / len(heldout)
+    assert accuracy >= 0.95, accuracy
+    rules = sum(refusal_verdict(r["response"], r["prompt"]) == r["refusal"] for r in heldout) / len(heldout)
+    assert accuracy > rules > 0.9, (accuracy, rules)
 
 
 # Fresh cases per style of real chat models (not taken from the labelled file): compliance behind

@@ -5,8 +5,12 @@ someone else they agree with people about 88 % of the time (three parts of the l
 blind to the rules: 86.7, 89.3, 87.2 %). A linear model over the response's word unigrams and bigrams
 (also marked by where they stand: the opening 30 tokens, the closing 25) and a few layout marks
 (numbered or bulleted lists, code, paragraphs, length) learns which wording goes with refusing and which
-with delivering from every part at once; trained on all but one part, it scored 88-95 % on the part left
-out (``python bench/judges.py`` prints these leave-one-part-out figures).
+with delivering from every part at once; trained on all but one part, it scored 87.9-94.4 % on the part
+left out (``python bench/judges.py``, column ``words``, prints these leave-one-part-out figures).
+
+The ``refusal`` judge sums two votes in log-odds: this model's, calibrated (Platt scaling on its
+leave-one-part-out log-odds), and the rules', worth the log-odds of their blind accuracy. The rules
+decide where the words are unsure; the words overrule them where they are sure.
 
 The prompt is not read: in the labelled set the same kind of prompt gets refusals and compliance alike,
 so its words would only teach the model which requests the writers chose.
