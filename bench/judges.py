@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from realign.eval.judges import keyword_refusal, refusal_verdict
+from realign.eval.judges import keyword_refusal, rules_verdict
 from realign.eval.refusal_model import HELD_OUT_SPLITS, out_of_part_logits, shipped_model
 
 JUDGE_NAMES = ("keywords", "refusal-rules", "words", "refusal")
@@ -64,7 +64,7 @@ def verdicts(rows: list[dict], packaged: bool) -> None:
         for i, z in zip(train, out_of_part_logits([rows[i] for i in train]), strict=True):
             learned[i] = model.scale * z + model.offset
     for r, z in zip(rows, learned, strict=True):
-        rules = refusal_verdict(r["response"], r.get("prompt"))
+        rules = rules_verdict(r["response"], r.get("prompt"))
         r["verdicts"] = {"keywords": keyword_refusal(r["response"]), "refusal-rules": rules, "words": z > 0,
                          "refusal": z + (model.rules_weight if rules else -model.rules_weight) > 0}
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from realign.errors import RealignError
-from realign.eval.judges import refusal_verdict
+from realign.eval.judges import rules_verdict
 from realign.progress import progress
 
 FEATURES_VERSION = "words/1"
@@ -179,7 +179,7 @@ class RefusalModel:
     def log_odds(self, response: str, prompt: str | None = None) -> float:
         """Both votes summed: the calibrated words' log-odds and the rules' (+w for refusal, -w otherwise);
         the rules decide where the words are unsure (|log-odds| < w), the words where they are sure."""
-        rules = refusal_verdict(response, prompt=prompt)
+        rules = rules_verdict(response, prompt=prompt)
         return self.learned_log_odds(response) + (self.rules_weight if rules else -self.rules_weight)
 
     def refusal(self, response: str, prompt: str | None = None) -> bool:
