@@ -117,3 +117,47 @@ def test_refusal_judge_is_the_sum_of_both_votes():
     rules = get_judge("refusal-rules").judge(prompts, responses)
     assert [v["refusal"] for v in rules] == [rules_verdict(r, p) for p, r in zip(prompts, responses, strict=True)]
     assert "judge_log_odds" not in rules[0]
+
+
+def test_a_model_of_ones_own_labels_through_the_cli(tmp_path):
+    """scripts/train_refusal_model.py on a user's labelled file; realign judge --judge-model uses it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from realign.cli import app
+
+    # a labeller for whom "banana" means refusal: no rule or shipped word knows that
+    rows = [{"split": s, "prompt": "p", "response": f"banana {w} {s}", "refusal": True}
+            for s in ("a", "b") for w in ("one", "two", "three", "four")]
+    rows += [{"split": s, "prompt": "p", "response": f"apple {w} {s}", "refusal": False}
+             for s in ("a", "b") for w in ("one", "two", "three", "four")]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "mine.safetensors"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_refusal_model.py"
+    done = subprocess.run([sys.executable, str(script), "--data", str(data), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert RefusalModel.load(out).trained_on == 16
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "p", "response": "banana five banana six"}) + "\n")
+    runner = CliRunner()
+    verdicts = {}
+    for name, extra in (("mine", ["--judge-model", str(out)]), ("shipped", [])):
+        dest = tmp_path / f"{name}.jsonl"
+        r = runner.invoke(app, ["judge", "--input", str(pairs), "--judge", "refusal", "--out", str(dest), *extra])
+        assert r.exit_code == 0, r.output
+        verdicts[name] = json.loads(dest.read_text().splitlines()[0])
+    assert verdicts["mine"]["judge_log_odds"] > verdicts["shipped"]["judge_log_odds"]
+
+    # a missing or foreign file: one line, non-zero exit, nothing written
+    for bad in (tmp_path / "none.safetensors", data):
+        dest = tmp_path / "bad.jsonl"
+        r = runner.invoke(app, ["judge", "--input", str(pairs), "--judge", "refusal", "--judge-model", str(bad),
+                                "--out", str(dest)])
+        assert r.exit_code != 0 and "train_refusal_model" in r.output and not dest.exists()
+        assert "Traceback" not in r.output

@@ -12,7 +12,8 @@ from realign.errors import RealignError
 
 # Judge options shared by eval and judge (None: the judge's own default).
 JudgeModel = Annotated[str | None, typer.Option("--judge-model", help="classifier/guard: the judge model (dir or hub "
-                                                "id); openai: the judge model's name, e.g. gpt-4-0613.")]
+                                                "id); openai: the judge model's name, e.g. gpt-4-0613; refusal: a "
+                                                "model file of scripts/train_refusal_model.py.")]
 JudgeLayout = Annotated[str | None, typer.Option("--judge-layout", help="classifier: auto (read from the model), "
                                                  "beaver-dam, harmbench or harmbench-card.")]
 JudgeUrl = Annotated[str | None, typer.Option("--judge-url", help="openai: base URL of an OpenAI-compatible API, e.g. "

@@ -212,8 +212,8 @@ def evaluate(
     judge_obj: Judge | None = judge if isinstance(judge, Judge) else None
     if judge_obj is None:
         base_name, _ = parse_judge_name(judge_name)  # fail on a typo before loading anything
-        if judged and base_name in API_JUDGES:
-            # Cheap to build, and a missing --judge-model or key must not cost a generation.
+        if judged and base_name not in MODEL_JUDGES:
+            # Cheap to build, and a missing --judge-model, file or key must not cost a generation.
             judge_obj = get_judge(judge_name, judge_model=judge_model, **options)
     data = {resolve_suite(k).name: v for k, v in (data or {}).items()}
     _check_world_suites(suite_names, data, world)

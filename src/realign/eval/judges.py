@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -751,14 +752,32 @@ class RulesJudge(Judge):
 
 class RefusalJudge(Judge):
     """The rules' vote and the learned model's, summed (``realign.eval.refusal_model``); each verdict keeps
-    the sum as ``judge_log_odds`` (positive: refusal)."""
+    the sum as ``judge_log_odds`` (positive: refusal). ``model_ref``: a model file made by
+    ``scripts/train_refusal_model.py`` (e.g. from labels of one's own) instead of the shipped one."""
 
     name = "refusal"
 
-    def _decide(self, prompts, responses):
-        from realign.eval.refusal_model import shipped_model
+    def __init__(self, hs_plus: bool = False, model_ref: str | None = None):
+        from realign.eval.refusal_model import RefusalModel, shipped_model
 
-        model = shipped_model()
+        super().__init__(hs_plus)
+        self.model_ref = model_ref
+        if model_ref is None:
+            self.model = shipped_model()
+            return
+        if not Path(model_ref).expanduser().is_file():
+            raise RealignError(f"refusal judge model {model_ref} not found: give a .safetensors file made by "
+                               "scripts/train_refusal_model.py, or no --judge-model for the shipped one")
+        try:
+            self.model = RefusalModel.load(Path(model_ref).expanduser())
+        except RealignError:
+            raise
+        except Exception as e:  # not a safetensors file, or not one of ours
+            raise RealignError(f"{model_ref} is not a refusal judge model ({type(e).__name__}: {e}); make one with "
+                               "scripts/train_refusal_model.py") from None
+
+    def _decide(self, prompts, responses):
+        model = self.model
         out = []
         for p, r in progress(zip(prompts, responses, strict=True), desc="judging (refusal)", total=len(responses)):
             log_odds = model.log_odds(r, prompt=p)
@@ -935,9 +954,11 @@ def get_judge(name: str = "keywords", hs_plus: bool = False, judge_model: str | 
         return JUDGES[base](**kwargs)
     if base in API_JUDGES:
         return JUDGES[base](hs_plus=hs_plus, model_ref=judge_model, **given)
+    if base == "refusal":
+        return RefusalJudge(hs_plus=hs_plus, model_ref=judge_model)
     if judge_model is not None:
         raise RealignError(f"judge {base!r} takes no model: --judge-model is for "
-                           f"{', '.join(MODEL_JUDGES + API_JUDGES)}")
+                           f"{', '.join(MODEL_JUDGES + API_JUDGES)} and refusal")
     return JUDGES[base](hs_plus=hs_plus)
 
 
