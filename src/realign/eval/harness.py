@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from realign.errors import RealignError
-from realign.eval.judges import API_JUDGES, MODEL_JUDGES, Judge, Verdict, get_judge, parse_judge_name
+from realign.eval.judges import MODEL_JUDGES, Judge, Verdict, get_judge, parse_judge_name
 from realign.eval.presets import DEFAULT_PRESET, get_preset
 from realign.eval.tasks import load_suite, parse_suites, resolve_suite, score_item
 from realign.prompts import format_prompt, resolve_template
