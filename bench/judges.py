@@ -44,7 +44,7 @@ from realign.eval.judges import keyword_refusal, rules_verdict
 from realign.eval.refusal_model import HELD_OUT_SPLITS, out_of_part_logits, shipped_model
 
 JUDGE_NAMES = ("keywords", "refusal-rules", "words", "refusal")
-SPLITS = ("dev", "fresh", "dev2", "dev3", "dev4", "dev5", "heldout")
+SPLITS = ("dev", "fresh", "dev2", "dev3", "dev4", "dev5", "heldout", "heldout2")
 
 
 def load_rows(path: str | None = None) -> list[dict]:
@@ -58,15 +58,15 @@ def load_rows(path: str | None = None) -> list[dict]:
 def verdicts(rows: list[dict], packaged: bool) -> None:
     """Add each judge's verdict to each row (``row["verdicts"][name]``)."""
     model = shipped_model()
-    learned = [model.learned_log_odds(r["response"]) for r in rows]
+    learned = [model.learned_log_odds(r["response"], r.get("prompt")) for r in rows]
     if packaged:  # the training parts: each judged by a model that never saw it
         train = [i for i, r in enumerate(rows) if r.get("split") not in HELD_OUT_SPLITS]
         for i, z in zip(train, out_of_part_logits([rows[i] for i in train]), strict=True):
-            learned[i] = model.scale * z + model.offset
+            learned[i] = model.calibrate(z, rows[i].get("prompt"))
     for r, z in zip(rows, learned, strict=True):
         rules = rules_verdict(r["response"], r.get("prompt"))
         r["verdicts"] = {"keywords": keyword_refusal(r["response"]), "refusal-rules": rules, "words": z > 0,
-                         "refusal": z + (model.rules_weight if rules else -model.rules_weight) > 0}
+                         "refusal": model.combine(z, rules) > 0}
 
 
 def accuracy(part: list[dict], name: str) -> float:

@@ -2,9 +2,10 @@
 
     python scripts/train_refusal_model.py [--data FILE.jsonl] [--out FILE.safetensors]
 
-Reads every part of the labelled set but ``heldout`` (``realign.eval.refusal_model.HELD_OUT_SPLITS``),
-calibrates the words' log-odds on their leave-one-part-out values, refits on all those rows and writes
-``src/realign/eval/data/refusal_model.safetensors``. Deterministic: the same rows give the same weights and constants.
+Reads every part of the labelled set but the held-out ones (``realign.eval.refusal_model.HELD_OUT_SPLITS``),
+calibrates the words' log-odds per prompt kind on their leave-one-part-out values, refits on all those rows
+and writes ``src/realign/eval/data/refusal_model.safetensors``. Deterministic: the same rows give the same
+weights and constants.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
     model = build(rows)
     model.save(args.out)
-    print(f"{args.out}: trained on {model.trained_on} rows; calibration scale {model.scale:.4f}, "
-          f"offset {model.offset:.4f}; rules weight {model.rules_weight:.4f}")
+    calibrations = ", ".join(f"{kind} {scale:.4f}x{offset:+.4f}" for kind, (scale, offset) in
+                             sorted(model.calibrations.items()))
+    print(f"{args.out}: trained on {model.trained_on} rows; calibration per prompt kind (scale x offset): "
+          f"{calibrations}; rules weight {model.rules_weight:.4f}")
     return 0
 
 
