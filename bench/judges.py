@@ -1,4 +1,4 @@
-"""Accuracy of the offline judges (keywords, refusal-rules, words, refusal) on the labelled response set.
+"""Accuracy of the offline judges (keywords, refusal-rules, words, refusal) on the labelled responses.
 
     python bench/judges.py [--errors] [--data FILE.jsonl]
 
@@ -13,18 +13,24 @@ and look-alike safe prompts, labelled refusal / not refusal. Its parts:
   and a ``voice``; used to build the current rules;
 - ``dev3``, ``dev4``, ``dev5``: the same styles written blind to the rules, each measured once
   (86.7, 89.3, 87.2 %) and then used to make the rules more general or to train the learned model;
-- ``heldout`` (210 rows, 15 per style, 12 voices): written blind to the rules and to the learned model
-  after both were frozen, never used to build either, measured once: the figure to trust.
+- ``dev6``: a realistic log (five chat models answering XSTest's and AdvBench's prompts), written blind
+  and measured once (rules 91.0 %, judge 91.0 %, keywords 88.5 %), then used to teach the rules
+  questions of fact and the words their calibration per prompt kind;
+- ``heldout`` (210 rows, 15 per style, 12 voices) and ``heldout2`` (a realistic log: 210 answers of six
+  chat models to XSTest and AdvBench prompts): written blind to the rules and to the learned model after
+  both were frozen, never used to build either: the figures to trust. ``heldout2`` was measured once
+  with the current judge (94.8 %); ``heldout`` first gave 97.1 % with the judge before ``dev6``.
 
-The rules were built from ``dev`` to ``dev4``: their figures there (and so the ``refusal`` column's) are
-fitted; ``dev5`` is blind for the rules and out-of-part for the words.
+The rules were built from ``dev`` to ``dev6``: their figures there (and so the ``refusal`` column's) are
+fitted, except on ``dev5`` (blind for the rules, out of part for the words).
 
 Judges: ``keywords`` (the literature's 29 strings), ``refusal-rules`` (the rules alone), ``words`` (the
 learned model alone, ``realign.eval.refusal_model``) and ``refusal`` (the rules' vote plus the learned
-model's: the judge of that name). The learned model is trained on every part but ``heldout``, so its
-figure on a training part would say nothing: on those parts the ``words`` and ``refusal`` columns use,
+model's: the judge of that name). The learned model is trained on every part but the held-out ones, so
+its figure on a training part would say nothing: on those parts the ``words`` and ``refusal`` columns use,
 for each part, a model trained on the other parts (leave-one-part-out, with the shipped calibration), and
-on ``heldout`` the shipped model. Accuracy is agreement on ``refusal``.
+on the held-out parts the shipped model. Accuracy is agreement on ``refusal``. The voice table covers the
+held-out rows.
 ``--data`` reads another file of rows in the same format (``prompt``, ``response``, ``refusal``;
 optional ``split``, ``kind``, ``style``) and judges every row with the shipped model.
 """
