@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from realign.errors import RealignError
 from realign.eval.refusal_model import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # one thread: the same sums in the same order on every run
-    rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
-    model = build(rows)
-    model.save(args.out)
+    try:
+        rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        model = build(rows)
+        model.save(args.out)
+    except (OSError, json.JSONDecodeError, RealignError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     calibrations = ", ".join(f"{kind} {scale:.4f}x{offset:+.4f}" for kind, (scale, offset) in
                              sorted(model.calibrations.items()))
     print(f"{args.out}: trained on {model.trained_on} rows; calibration per prompt kind (scale x offset): "

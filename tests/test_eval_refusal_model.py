@@ -187,3 +187,22 @@ def test_a_model_of_ones_own_labels_through_the_cli(tmp_path):
                                 "--out", str(dest)])
         assert r.exit_code != 0 and "train_refusal_model" in r.output and not dest.exists()
         assert "Traceback" not in r.output
+
+
+def test_training_script_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_refusal_model.py"
+    out = tmp_path / "m.safetensors"
+    bad = {"no split": '{"prompt": "p", "response": "a", "refusal": true}\n',
+           "one part": '{"split": "a", "prompt": "p", "response": "a", "refusal": true}\n',
+           "not json": "{oops\n"}
+    for name, text in bad.items():
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text(text)
+        done = subprocess.run([sys.executable, str(script), "--data", str(data), "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and done.stderr.startswith("error: "), (name, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and not out.exists(), name

@@ -260,6 +260,11 @@ class RefusalModel:
 def build(rows: Sequence[dict], l2: float = L2) -> RefusalModel:
     """The shipped model from labelled rows (every part but ``HELD_OUT_SPLITS``): words calibrated per
     prompt kind on their leave-one-part-out log-odds, then refitted on all the rows."""
+    for i, r in enumerate(rows, 1):
+        missing = {"split", "response", "refusal"} - set(r)
+        if missing or not isinstance(r["refusal"], bool):
+            raise RealignError(f"labelled row {i} needs 'split', 'response' and a true/false 'refusal': "
+                               "fix the file")
     rows = [r for r in rows if r["split"] not in HELD_OUT_SPLITS]
     calibrations = fit_calibrations(out_of_part_logits(rows, l2), rows)
     weights = train([r["response"] for r in rows], [r["refusal"] for r in rows], l2)
