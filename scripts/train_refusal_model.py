@@ -11,14 +11,13 @@ weights and constants.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 from realign.errors import RealignError
-from realign.eval.refusal_model import build
+from realign.eval.refusal_model import build, read_labelled
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "src/realign/eval/data/judge_labelled.jsonl"
@@ -32,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # one thread: the same sums in the same order on every run
     try:
-        rows = [json.loads(line) for line in args.data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_labelled(args.data)
         model = build(rows)
         model.save(args.out)
-    except (OSError, json.JSONDecodeError, RealignError) as e:
+    except (OSError, RealignError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     calibrations = ", ".join(f"{kind} {scale:.4f}x{offset:+.4f}" for kind, (scale, offset) in

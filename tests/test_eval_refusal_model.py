@@ -96,7 +96,9 @@ def test_the_prompt_chooses_the_calibration():
     rows += [{"prompt": "Hello", "refusal": True} for _ in range(5)]
     fitted = rm.fit_calibrations([1.0] * len(rows), rows)
     assert set(fitted) == {"task", "fact", "other", "none"} and fitted["other"] == fitted["none"]
-    assert fitted["fact"][0] + fitted["fact"][1] == pytest.approx(math.log(1 / 3), abs=1e-3)  # 1 in 4 refuse
+    # 10 of 40 refuse; with Platt's targets (11/12 and 1/32) the mean is 0.2526, not 0.25
+    mean = (10 * 11 / 12 + 30 / 32) / 40
+    assert fitted["fact"][0] + fitted["fact"][1] == pytest.approx(math.log(mean / (1 - mean)), abs=1e-3)
     assert fitted["task"][0] + fitted["task"][1] == pytest.approx(0.0, abs=1e-3)  # 1 in 2
 
 
@@ -116,6 +118,10 @@ def test_save_load_round_trip_and_a_foreign_file(tmp_path):
               metadata={"features": "words/0", "dimension": "16"})
     with pytest.raises(RealignError, match="train_refusal_model"):
         RefusalModel.load(tmp_path / "old.safetensors")
+    save_file({"index": torch.zeros(1, dtype=torch.int32), "weight": torch.zeros(1)}, str(tmp_path / "v0.safetensors"),
+              metadata={"format": rm.FILE_FORMAT, "features": "words/0", "dimension": "16"})
+    with pytest.raises(RealignError, match="made for features 'words/0'"):
+        RefusalModel.load(tmp_path / "v0.safetensors")
 
 
 def test_shipped_model_is_rebuilt_from_the_labelled_set():
@@ -206,3 +212,50 @@ def test_training_script_errors_are_one_line(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 1 and done.stderr.startswith("error: "), (name, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and not out.exists(), name
+
+
+def test_calibration_stays_finite_on_one_label_or_separable_log_odds():
+    # one label alone: Platt's targets give a finite offset
+    scale, offset = rm.fit_calibration([0.5, 1.0, 1.5, 2.0] * 10, [True] * 40)
+    assert abs(scale) < 10 and abs(offset) < 10
+    # perfectly separated: a finite scale
+    scale, offset = rm.fit_calibration([-2.0] * 20 + [2.0] * 20, [False] * 20 + [True] * 20)
+    assert 0 < scale < 10
+    # a kind with too few rows of one label takes the overall fit
+    rows = [{"prompt": "What is it?", "refusal": True} for _ in range(40)]
+    rows += [{"prompt": "How do I do it?", "refusal": i % 2 == 0} for i in range(40)]
+    fitted = rm.fit_calibrations([1.0] * 80, rows)
+    assert fitted["fact"] == fitted["none"] != fitted["task"]
+
+
+def test_build_refuses_bad_rows_and_names_the_held_out_parts():
+    good = [{"split": s, "prompt": "p", "response": f"r {i}", "refusal": i % 2 == 0} for s in "ab" for i in range(4)]
+    for bad in (5, {"split": "a", "prompt": "p", "response": None, "refusal": True},
+                {"split": ["a"], "prompt": "p", "response": "r", "refusal": True},
+                {"split": "a", "prompt": 3, "response": "r", "refusal": True},
+                {"split": "a", "prompt": "p", "response": "r", "refusal": "yes"}):
+        with pytest.raises(RealignError, match="labelled row 9"):
+            rm.build(good + [bad])
+    held = [dict(r, split="heldout") if r["split"] == "a" else r for r in good]
+    with pytest.raises(RealignError, match="after leaving out heldout"):
+        rm.build(held)
+
+
+def test_load_refuses_older_or_incomplete_files(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"index": torch.tensor([1], dtype=torch.int32), "weight": torch.ones(1)}
+    base = {"format": rm.FILE_FORMAT, "features": rm.FEATURES_VERSION, "dimension": str(rm.DIMENSION),
+            "rules_weight": "2.0", "trained_on": "3"}
+    cases = {
+        "older": ({"features": rm.FEATURES_VERSION, "dimension": str(rm.DIMENSION), "scale": "1.0", "offset": "0.0",
+                   "rules_weight": "2.0", "trained_on": "3"}, "not a refusal model of this realign"),
+        "no calibrations": (base, "no readable calibrations"),
+        "a kind missing": (dict(base, calibrations=json.dumps({"task": [1, 0], "none": [1, 0]})),
+                           "a calibration per prompt kind"),
+    }
+    for name, (meta, message) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(RealignError, match=message):
+            RefusalModel.load(path)

@@ -48,7 +48,9 @@ DIMENSION = 2**18
 OPENING_TOKENS = 30
 CLOSING_TOKENS = 25
 L2 = 1e-3
-MIN_KIND_ROWS = 30
+MIN_KIND_LABELS = 10
+KINDS = ("task", "fact", "other", "none")
+FILE_FORMAT = "realign-refusal-model/2"
 WEIGHTS_FILE = "data/refusal_model.safetensors"
 # Parts of the labelled set the shipped model never sees: the figure to trust is measured on them.
 HELD_OUT_SPLITS = ("heldout", "heldout2")
@@ -145,9 +147,14 @@ def out_of_part_logits(rows: Sequence[dict], l2: float = L2) -> list[float]:
 
 
 def fit_calibration(log_odds: Sequence[float], labels: Sequence[bool]) -> tuple[float, float]:
-    """Platt scaling: (scale, offset) such that sigmoid(scale * z + offset) is the probability of refusal."""
+    """Platt scaling: (scale, offset) such that sigmoid(scale * z + offset) is the probability of refusal.
+    With Platt's targets, (n+ + 1) / (n+ + 2) and 1 / (n- + 2) rather than 1 and 0, so that one label alone
+    or log-odds that separate the labels perfectly give a finite fit instead of an infinite one."""
     z = torch.tensor(log_odds, dtype=torch.float64)
-    y = torch.tensor([float(v) for v in labels], dtype=torch.float64)
+    positives = sum(bool(v) for v in labels)
+    negatives = len(labels) - positives
+    high, low = (positives + 1) / (positives + 2), 1 / (negatives + 2)
+    y = torch.tensor([high if v else low for v in labels], dtype=torch.float64)
     params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([params], max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
 
@@ -180,16 +187,19 @@ def prompt_kind(prompt: str | None) -> str:
 
 def fit_calibrations(log_odds: Sequence[float], rows: Sequence[dict]) -> dict[str, tuple[float, float]]:
     """Platt scaling per prompt kind, and over all rows for ``none`` (and for a kind with fewer than
-    ``MIN_KIND_ROWS`` rows). The words read no prompt and learned mostly from requests for methods: after a
-    question of fact they say "refusal" too often, and their calibration there says by how much."""
+    ``MIN_KIND_LABELS`` rows of either label). The words read no prompt and learned mostly from requests for
+    methods: after a question of fact they say "refusal" too often, and their calibration there says by how
+    much."""
     labels = [r["refusal"] for r in rows]
     overall = fit_calibration(log_odds, labels)
     calibrations = {"none": overall}
     kinds = [prompt_kind(r.get("prompt")) for r in rows]
-    for kind in ("task", "fact", "other"):
+    for kind in KINDS[:3]:
         idx = [i for i, k in enumerate(kinds) if k == kind]
-        calibrations[kind] = (fit_calibration([log_odds[i] for i in idx], [labels[i] for i in idx])
-                              if len(idx) >= MIN_KIND_ROWS else overall)
+        refusals = sum(labels[i] for i in idx)
+        enough = min(refusals, len(idx) - refusals) >= MIN_KIND_LABELS
+        calibrations[kind] = fit_calibration([log_odds[i] for i in idx], [labels[i] for i in idx]) if enough \
+            else overall
     return calibrations
 
 
@@ -221,6 +231,8 @@ class RefusalModel:
         return learned + (self.rules_weight if rules else -self.rules_weight)
 
     def log_odds(self, response: str, prompt: str | None = None) -> float:
+        if not response.strip():  # no words to vote; the rules call an empty answer a refusal
+            return self.combine(0.0, rules_verdict(response, prompt=prompt))
         return self.combine(self.learned_log_odds(response, prompt), rules_verdict(response, prompt=prompt))
 
     def refusal(self, response: str, prompt: str | None = None) -> bool:
@@ -233,7 +245,7 @@ class RefusalModel:
         from realign.writer import write_file_atomic
 
         nonzero = torch.nonzero(self.weights).squeeze(1)
-        meta = {"features": FEATURES_VERSION, "dimension": str(DIMENSION),
+        meta = {"format": FILE_FORMAT, "features": FEATURES_VERSION, "dimension": str(DIMENSION),
                 "calibrations": json.dumps({k: list(v) for k, v in sorted(self.calibrations.items())}),
                 "rules_weight": repr(self.rules_weight), "trained_on": str(self.trained_on), "l2": repr(L2)}
         blob = save({"index": nonzero.to(torch.int32).contiguous(), "weight": self.weights[nonzero].contiguous()},
@@ -244,28 +256,74 @@ class RefusalModel:
     def load(cls, path: str | Path) -> RefusalModel:
         from safetensors import safe_open
 
+        redo = "make it again with scripts/train_refusal_model.py (or reinstall realign for the shipped one)"
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-            if meta.get("features") != FEATURES_VERSION or meta.get("dimension") != str(DIMENSION) \
-                    or "calibrations" not in meta:
-                raise RealignError(f"{path} was made for features {meta.get('features')!r}, this realign reads "
-                                   f"{FEATURES_VERSION!r}: run scripts/train_refusal_model.py or reinstall realign")
+            if meta.get("format") != FILE_FORMAT:
+                raise RealignError(f"{path} is not a refusal model of this realign (format "
+                                   f"{meta.get('format')!r}, not {FILE_FORMAT!r}): {redo}")
+            if meta.get("features") != FEATURES_VERSION or meta.get("dimension") != str(DIMENSION):
+                raise RealignError(f"{path} was made for features {meta.get('features')!r} in "
+                                   f"{meta.get('dimension')} dimensions, this realign reads {FEATURES_VERSION!r} "
+                                   f"in {DIMENSION}: {redo}")
             index, weight = f.get_tensor("index").long(), f.get_tensor("weight").float()
+        try:
+            calibrations = {k: (float(v[0]), float(v[1])) for k, v in json.loads(meta["calibrations"]).items()}
+            rules_weight, trained_on = float(meta["rules_weight"]), int(meta["trained_on"])
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError):
+            raise RealignError(f"{path} has no readable calibrations or rules weight: {redo}") from None
+        if set(calibrations) != set(KINDS) or (index.numel() and int(index.max()) >= DIMENSION):
+            raise RealignError(f"{path} lacks a calibration per prompt kind ({', '.join(KINDS)}) or has weights "
+                               f"out of range: {redo}")
         weights = torch.zeros(DIMENSION)
         weights[index] = weight
-        calibrations = {k: (float(v[0]), float(v[1])) for k, v in json.loads(meta["calibrations"]).items()}
-        return cls(weights, calibrations, float(meta["rules_weight"]), int(meta["trained_on"]))
+        return cls(weights, calibrations, rules_weight, trained_on)
+
+
+ROW_RULE = "a row needs a text 'split' and 'response', a true/false 'refusal' and a text 'prompt' or none"
+
+
+def is_labelled_row(row: object, need_split: bool = True) -> bool:
+    return isinstance(row, dict) and isinstance(row.get("response"), str) and isinstance(row.get("refusal"), bool) \
+        and isinstance(row.get("prompt"), str | None) and (isinstance(row.get("split"), str) or not need_split)
+
+
+def read_labelled(path: str | Path, need_split: bool = True) -> list[dict]:
+    """The rows of a labelled JSONL file; an unreadable file, a line that is not JSON or a row that breaks
+    ``ROW_RULE`` (``split`` optional unless ``need_split``) is a one-line ``RealignError``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RealignError(f"cannot read {path}: {e}") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RealignError(f"{path} line {number} is not JSON ({e.msg})") from None
+        if not is_labelled_row(row, need_split):
+            rule = ROW_RULE if need_split else ROW_RULE.replace("a text 'split' and ", "a text ")
+            raise RealignError(f"{path} line {number}: {rule}")
+        rows.append(row)
+    return rows
 
 
 def build(rows: Sequence[dict], l2: float = L2) -> RefusalModel:
     """The shipped model from labelled rows (every part but ``HELD_OUT_SPLITS``): words calibrated per
     prompt kind on their leave-one-part-out log-odds, then refitted on all the rows."""
     for i, r in enumerate(rows, 1):
-        missing = {"split", "response", "refusal"} - set(r)
-        if missing or not isinstance(r["refusal"], bool):
-            raise RealignError(f"labelled row {i} needs 'split', 'response' and a true/false 'refusal': "
-                               "fix the file")
-    rows = [r for r in rows if r["split"] not in HELD_OUT_SPLITS]
+        if not is_labelled_row(r):
+            raise RealignError(f"labelled row {i}: {ROW_RULE}")
+    kept = [r for r in rows if r["split"] not in HELD_OUT_SPLITS]
+    if len({r["split"] for r in kept}) < 2:
+        left_out = sorted({r["split"] for r in rows} & set(HELD_OUT_SPLITS))
+        raise RealignError(f"training needs rows from at least two parts (their 'split') besides the held-out "
+                           f"ones ({', '.join(HELD_OUT_SPLITS)}); this file has "
+                           f"{len({r['split'] for r in kept})}" + (f" after leaving out {', '.join(left_out)}"
+                                                                    if left_out else ""))
+    rows = kept
     calibrations = fit_calibrations(out_of_part_logits(rows, l2), rows)
     weights = train([r["response"] for r in rows], [r["refusal"] for r in rows], l2)
     return RefusalModel(weights, calibrations, rules_log_odds(), len(rows))
@@ -279,5 +337,5 @@ def shipped_model() -> RefusalModel:
 
 
 __all__ = ["DIMENSION", "FEATURES_VERSION", "HELD_OUT_SPLITS", "RefusalModel", "build", "design_matrix",
-           "feature_names", "features", "fit_calibration", "fit_calibrations", "logits", "out_of_part_logits",
-           "prompt_kind", "rules_log_odds", "shipped_model", "train"]
+           "feature_names", "features", "fit_calibration", "fit_calibrations", "is_labelled_row", "logits",
+           "out_of_part_logits", "prompt_kind", "read_labelled", "rules_log_odds", "shipped_model", "train"]
