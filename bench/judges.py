@@ -70,11 +70,13 @@ def load_rows(path: str | None = None) -> list[dict]:
 def verdicts(rows: list[dict], packaged: bool) -> None:
     """Add each judge's verdict to each row (``row["verdicts"][name]``)."""
     model = shipped_model()
-    learned = [model.learned_log_odds(r["response"], r.get("prompt")) for r in rows]
-    if packaged:  # the training parts: each judged by a model that never saw it
-        train = [i for i, r in enumerate(rows) if r.get("split") not in HELD_OUT_SPLITS]
-        for i, z in zip(train, out_of_part_logits([rows[i] for i in train]), strict=True):
-            learned[i] = model.calibrate(z, rows[i].get("prompt"))
+    # the training parts (packaged set only) are each judged by a model that never saw them
+    train = [i for i, r in enumerate(rows) if r.get("split") not in HELD_OUT_SPLITS] if packaged else []
+    learned = [0.0] * len(rows)
+    for i, z in zip(train, out_of_part_logits([rows[i] for i in train]) if train else [], strict=True):
+        learned[i] = model.calibrate(z, rows[i].get("prompt"))
+    for i in sorted(set(range(len(rows))) - set(train)):
+        learned[i] = model.learned_log_odds(rows[i]["response"], rows[i].get("prompt"))
     for r, z in zip(rows, learned, strict=True):
         rules = rules_verdict(r["response"], r.get("prompt"))
         r["verdicts"] = {"keywords": keyword_refusal(r["response"]), "refusal-rules": rules, "words": z > 0,

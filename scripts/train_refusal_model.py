@@ -18,6 +18,7 @@ import torch
 
 from realign.errors import RealignError
 from realign.eval.refusal_model import build, read_labelled
+from realign.outputs import check_output, input_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT / "src/realign/eval/data/judge_labelled.jsonl"
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # one thread: the same sums in the same order on every run
     try:
+        check_output(args.out, input_paths(args.data), kind="file")  # never write over the labelled data
         rows = read_labelled(args.data)
         model = build(rows)
         model.save(args.out)

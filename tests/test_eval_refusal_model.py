@@ -205,6 +205,12 @@ def test_training_script_errors_are_one_line(tmp_path):
     bad = {"no split": '{"prompt": "p", "response": "a", "refusal": true}\n',
            "one part": '{"split": "a", "prompt": "p", "response": "a", "refusal": true}\n',
            "not json": "{oops\n"}
+    data = tmp_path / "labels.jsonl"
+    data.write_text('{"split": "a", "prompt": "p", "response": "a", "refusal": true}\n')
+    done = subprocess.run([sys.executable, str(script), "--data", str(data), "--out", str(data)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert data.read_text().startswith('{"split": "a"')  # the input is untouched
     for name, text in bad.items():
         data = tmp_path / f"{name}.jsonl"
         data.write_text(text)

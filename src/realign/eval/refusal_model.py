@@ -215,7 +215,7 @@ class RefusalModel:
 
     def raw_log_odds(self, response: str) -> float:
         """The words' log-odds before calibration."""
-        return float(self.weights[features(response)].sum())
+        return logits(self.weights, [response])[0]
 
     def calibrate(self, raw: float, prompt: str | None = None) -> float:
         scale, offset = self.calibrations[prompt_kind(prompt)]
